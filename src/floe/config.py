@@ -38,9 +38,19 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+# Common names from other tools (PEFT, HF TrainingArguments) → ours.
+ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "experts": "num_experts",
+           "lr": "learning_rate", "steps": "max_steps", "epochs": "num_epochs", "num_train_epochs": "num_epochs",
+           "per_device_train_batch_size": "batch_size", "bsz": "batch_size", "model_name": "name",
+           "dataset": "source", "target": "target_modules", "layers_to_transform": "layers"}
+
+
 def _suggest(name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    guess = ALIASES.get(name.lower()) if ALIASES.get(name.lower()) in known else None
+    if guess is None:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        guess = close[0] if close else next((k for k in known if len(k) > 3 and (k in name or name in k)), None)
+    return f" (did you mean '{guess}'?)" if guess else ""
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

@@ -182,7 +182,7 @@ def _training_args(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         max_grad_norm=cfg.max_grad_norm,
         bf16=cfg.bf16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,
         seed=cfg.seed,
         data_seed=cfg.seed,
         logging_steps=cfg.logging_steps,
@@ -198,7 +198,14 @@ def _training_args(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
         optim="adamw_torch",
+        # CPU-only machines: accelerate needs to be told, or torchrun processes train unsynchronised.
+        use_cpu=not (torch.cuda.is_available() or _has_mps()),
+        ddp_backend="gloo" if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
+
+
+def _has_mps() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | None = None,

@@ -1,0 +1,101 @@
+"""Training: loss falls, only the adapter trains and is checkpointed, a killed run resumes exactly."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from conftest import make_tokenizer, tiny_model
+from floe.adapters.moe_lora import MoELoraConfig, adapter_state_dict, apply_moe_lora, load_adapter
+from floe.train import TrainConfig, train
+from train_helpers import tokenized
+
+
+def _cfg(out: Path, **kw) -> TrainConfig:
+    base = dict(output_dir=str(out), learning_rate=5e-3, max_steps=12, batch_size=4, logging_steps=1,
+                save_steps=100, report_to=[], progress_bar=False, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_lowers_validation_loss_and_saves_only_the_adapter(tmp_path):
+    data = tokenized(24, tmp_path)
+    model = tiny_model("llama")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_moe_lora(model, MoELoraConfig(r=4, num_experts=2, dropout=0.0))
+    res = train(model, make_tokenizer(), data, data, _cfg(tmp_path / "run", max_steps=25, save_steps=10))
+    assert res.steps == 25
+    assert res.final_eval_loss < res.initial_eval_loss - 0.5
+    # frozen base weights untouched
+    for k, v in model.state_dict().items():
+        key = k.replace(".base.", ".")
+        if key in base and "lora" not in k and "router" not in k:
+            assert torch.equal(v, base[key]), k
+    ckpt = tmp_path / "run" / "checkpoint-20"
+    files = {p.name for p in ckpt.rglob("*") if p.is_file()}
+    assert "floe_adapter.safetensors" in files
+    assert not any(f.startswith("model") and f.endswith(".safetensors") for f in files), files
+    assert (tmp_path / "run" / "adapter" / "floe_adapter.safetensors").is_file()
+    assert (tmp_path / "run" / "train_metrics.json").is_file()
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def test_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path):
+    data = tokenized(24, tmp_path)
+    tok = make_tokenizer()
+
+    def fresh():
+        m = tiny_model("qwen2")
+        torch.manual_seed(0)
+        apply_moe_lora(m, MoELoraConfig(r=4, num_experts=3, dropout=0.1))
+        return m
+
+    ref = fresh()
+    train(ref, tok, data, None, _cfg(tmp_path / "straight"))
+    # "killed" after step 8 (checkpoint at 8), then started again with the same config
+    part = fresh()
+    train(part, tok, data, None, _cfg(tmp_path / "resumed", save_steps=4), callbacks=[_StopAt(8)])
+    assert (tmp_path / "resumed" / "checkpoint-8").is_dir()
+    again = fresh()
+    res = train(again, tok, data, None, _cfg(tmp_path / "resumed", save_steps=4))
+    assert res.steps == 12
+    a, b = adapter_state_dict(ref), adapter_state_dict(again)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_only_adapter_parameters_receive_gradients_during_training(tmp_path):
+    data = tokenized(8, tmp_path)
+    model = tiny_model("gemma")
+    apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, layers=[1, 2]))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(("lora_" in n or "router" in n) and (".1." in n or ".2." in n) for n in names)
+    train(model, make_tokenizer(), data, None, _cfg(tmp_path / "g", max_steps=2))
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in names)
+
+
+def test_train_refuses_a_model_without_adapter(tmp_path):
+    data = tokenized(4, tmp_path)
+    with pytest.raises(ValueError, match="apply_moe_lora"):
+        train(tiny_model(), make_tokenizer(), data, None, _cfg(tmp_path / "x"))
+
+
+def test_saved_adapter_reloads_into_fresh_model_with_identical_logits(tmp_path):
+    data = tokenized(8, tmp_path)
+    model = tiny_model("llama")
+    apply_moe_lora(model, MoELoraConfig(r=4, num_experts=2, layers=[0, 3]))
+    res = train(model, make_tokenizer(), data, None, _cfg(tmp_path / "r", max_steps=5))
+    fresh = tiny_model("llama")
+    load_adapter(fresh, res.adapter_dir)
+    x = torch.randint(5, 300, (2, 9))
+    model.eval()
+    torch.testing.assert_close(model(x).logits, fresh(x).logits, atol=0, rtol=0)
