@@ -245,9 +245,12 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.perf_counter() - start
-    final_eval = float(trainer.evaluate()["eval_loss"]) if eval_data is not None else None
-
     history = trainer.state.log_history
+    final_eval = None
+    if eval_data is not None:  # reuse the scheduled evaluation of the last step when there was one
+        last = [h["eval_loss"] for h in history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+        final_eval = float(last[-1]) if last else float(trainer.evaluate()["eval_loss"])
+
     train_losses = [(h["step"], float(h["loss"])) for h in history if "loss" in h]
     eval_losses = [(h["step"], float(h["eval_loss"])) for h in history if "eval_loss" in h]
     if initial_eval is None:
