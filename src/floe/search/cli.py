@@ -1,0 +1,126 @@
+"""``floe search``: rank / expert-count search with Optuna (resumable, parallel workers)."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Any
+
+DESCRIPTION = """Bayesian optimisation (Optuna TPE) of the LoRA rank r and the number of experts M:
+each trial trains MoE-LoRA for --steps steps and its validation loss is the objective; a pruner
+stops hopeless trials, repeated (r, M) reuse the cached result, failed trials (NaN, out of memory)
+are recorded and the search goes on. The study lives in --output/search.db (SQLite): run the same
+command again to resume a killed search. With --storage <SQLAlchemy URL> (e.g. postgresql://...)
+and --study-name, several workers on several machines share one study: start the same command on
+each. Writes search.json, search.png (trial value vs trial, running best) and prints a table."""
+
+EPILOG = """Example: floe search --model smollm2-135m --data bigbench:natural_instructions --trials 30
+--steps 60 --output runs/search. Every key of the job (floe search --print-config) can be set in
+a YAML file (--config; a floe train config works: its model, data, adapter and train sections
+mean the same) or with --set key.path=value."""
+
+
+def _layers(text: str):  # type: ignore[no-untyped-def]
+    from floe.cli import _layers as parse
+
+    return parse(text)
+
+
+# flag -> (dotted key of SearchJob, argparse kwargs)
+SEARCH_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "--model": ("model.name", dict(help="built-in name (smollm2-135m), local folder or hub id")),
+    "--dtype": ("model.dtype", dict(help="float32 | bfloat16 | float16 | auto")),
+    "--data": ("data.source", dict(help="bigbench:natural_instructions, bigbench:<task>, a JSON/JSONL file or folder")),
+    "--fraction": ("data.fraction", dict(type=float, help="share of the training split trials train on (the paper's warm-up sample: 0.5)")),
+    "--max-length": ("data.max_length", dict(type=int, help="longest tokenised example")),
+    "--max-train-examples": ("data.max_train_examples", dict(type=int, help="cap on training examples")),
+    "--max-eval-examples": ("data.max_eval_examples", dict(type=int, help="cap on validation examples")),
+    "--layers": ("adapter.layers", dict(type=_layers, help="decoder layers to adapt: 'all' (default, as the paper) or e.g. '0,3,5-7'")),
+    "--alpha": ("adapter.alpha", dict(type=float, help="LoRA alpha (scaling alpha/r)")),
+    "--targets": ("adapter.target_modules", dict(help="comma-separated module names, e.g. gate_proj,up_proj,down_proj")),
+    "--steps": ("train.max_steps", dict(type=int, help="training steps per trial (default 100)")),
+    "--batch-size": ("train.batch_size", dict(type=int, help="examples per step")),
+    "--lr": ("train.learning_rate", dict(type=float, help="peak learning rate")),
+    "--bf16": ("train.bf16", dict(action="store_const", const=True, help="train under bfloat16 autocast")),
+    "--eval-points": ("eval_points", dict(type=int, help="validation losses per trial, evenly spaced (default 4)")),
+    "--trials": ("search.n_trials", dict(type=int, help="finished trials the study ends with (default 30)")),
+    "--r-min": ("search.r_min", dict(type=int, help="smallest rank (default 2)")),
+    "--r-max": ("search.r_max", dict(type=int, help="largest rank (default 32)")),
+    "--r-step": ("search.r_step", dict(type=int, help="rank step (default 2)")),
+    "--experts": ("search.experts", dict(help="candidate numbers of experts, comma-separated (default 2,3,4)")),
+    "--sampler": ("search.sampler", dict(choices=["tpe", "random"], help="tpe (default) or random")),
+    "--startup-trials": ("search.n_startup_trials", dict(type=int, help="random trials before TPE models (default 10)")),
+    "--pruner": ("search.pruner", dict(choices=["none", "median", "halving"], help="early stopping of trials (default median)")),
+    "--seed": ("search.seed", dict(type=int, help="sampler seed (default 0)")),
+    "--storage": ("storage", dict(help="Optuna storage URL shared by workers (default sqlite:///<output>/search.db)")),
+    "--study-name": ("study_name", dict(help="study name inside the storage (default floe-search)")),
+    "--output": ("output_dir", dict(help="folder for search.json, search.png and search.db (default runs/search)")),
+}
+
+
+def add_search_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+    """Register ``floe search`` on an ``argparse`` sub-parser collection."""
+    from floe.cli import add_job_flags
+
+    p = subparsers.add_parser("search", help="Bayesian search of the LoRA rank r and expert count M",
+                              description=DESCRIPTION, epilog=EPILOG)
+    add_job_flags(p, SEARCH_FLAGS)
+    p.set_defaults(func=run_search)
+    return p
+
+
+def _raise_keyboard_interrupt(signum, frame):  # type: ignore[no-untyped-def]
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def install_sigterm_handler() -> None:
+    """Turn SIGTERM (e.g. a batch scheduler's stop) into KeyboardInterrupt, so the running trial
+    is closed as interrupted (not counted) and queued again for the next run."""
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+
+def run_search(args: argparse.Namespace, log=print) -> int:  # type: ignore[no-untyped-def]
+    """``floe search``: 0 when the study is done, 1 when no trial completed, 2 on bad input,
+    130 when interrupted (run the same command again to resume)."""
+    from floe.cli import job_from_args
+    from floe.config import ConfigError, describe
+    from floe.search.config import SearchError
+    from floe.search.job import SearchJob, run_search_job
+
+    if getattr(args, "print_config", False):
+        print("\n".join(describe(SearchJob)))
+        return 0
+    errors: tuple[type[BaseException], ...] = (ConfigError, SearchError, FileNotFoundError)
+    try:
+        from floe.adapters.moe_lora import AdapterError
+        from floe.data import DataError
+        from floe.models import ModelUnavailableError
+
+        errors += (DataError, ModelUnavailableError, AdapterError)
+    except ImportError:  # pragma: no cover -- partial installs
+        pass
+    install_sigterm_handler()
+    try:
+        job = job_from_args(SearchJob, args, SEARCH_FLAGS)
+        result = run_search_job(job, log=log)
+    except errors as e:
+        print(f"floe search: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("floe search: interrupted; finished trials are saved in the study; run the same command again "
+              "to resume", file=sys.stderr)
+        return 130
+    if result.best is None:
+        print("floe search: no trial completed (see the failures above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m floe.search ...``: the same as ``floe search ...``."""
+    parser = argparse.ArgumentParser(prog="floe")
+    sub = parser.add_subparsers(dest="command")
+    add_search_parser(sub)
+    args = parser.parse_args(["search", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)

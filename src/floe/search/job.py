@@ -1,0 +1,116 @@
+"""``floe search`` as a Python entry point: ``run_search_job(SearchJob(...))``.
+
+Loads the model and data once, then runs (one worker of) the rank / expert search with the
+training objective. Everything that can be checked without the model -- ranges, the trial
+schedule, the storage, the study's search space -- is checked before anything is loaded.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from floe.adapters.moe_lora import MoELoraConfig
+from floe.config import to_dict
+from floe.jobs import DataSpec, ModelSpec
+from floe.search.config import SearchConfig, SearchError
+from floe.search.report import SearchResult, format_table, format_trial, is_counted, redact_url
+from floe.search.study import DEFAULT_STUDY_NAME, default_storage_url, open_storage, open_study, search_rank
+from floe.train import TrainConfig
+
+
+@dataclass
+class SearchJob:
+    """``floe search``: Bayesian optimisation of the LoRA rank r and expert count M (paper §3.4)."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    """The base model."""
+    data: DataSpec = field(default_factory=DataSpec)
+    """Training and validation data (the paper searches on its 50 % warm-up sample: data.fraction 0.5)."""
+    adapter: MoELoraConfig = field(default_factory=MoELoraConfig)
+    """Alpha, dropout, target modules and layers of the adapter; r and num_experts are searched."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, report_to=[], progress_bar=False))
+    """Optimiser settings of one trial; train.max_steps is the length of a trial."""
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """Search space, number of trials, sampler, pruner."""
+    eval_points: int = 4
+    """Validation losses per trial, evenly spaced (the pruner sees all, the last is the trial's value)."""
+    output_dir: str = "runs/search"
+    """Folder for search.json, search.png and (by default) the study database search.db."""
+    storage: str | None = None
+    """Optuna storage URL shared by all workers (default: sqlite:///<output_dir>/search.db)."""
+    study_name: str = DEFAULT_STUDY_NAME
+    """Name of the study inside the storage; workers with the same storage and name cooperate."""
+
+
+def search_context(job: SearchJob) -> dict[str, Any]:
+    """What a trial's loss depends on besides (r, M); a study only accepts workers that agree."""
+    t = job.train
+    adapter = {k: v for k, v in to_dict(job.adapter).items()
+               if k not in ("r", "num_experts", "base_model_name_or_path", "extra")}
+    return {
+        "model": job.model.name, "dtype": job.model.dtype, "data": to_dict(job.data), "adapter": adapter,
+        "train": {"max_steps": t.max_steps, "learning_rate": t.learning_rate, "batch_size": t.batch_size,
+                  "gradient_accumulation_steps": t.gradient_accumulation_steps, "warmup_ratio": t.warmup_ratio,
+                  "lr_scheduler": t.lr_scheduler, "weight_decay": t.weight_decay, "seed": t.seed, "bf16": t.bf16},
+        "eval_points": job.eval_points,
+    }
+
+
+def check_job(job: SearchJob) -> tuple[str, int]:
+    """Validate everything that needs no model; returns the storage URL and the number of
+    trials the study has already finished. Raises SearchError."""
+    from floe.search.objective import eval_schedule
+
+    if job.train.max_steps < 1:
+        raise SearchError(f"train.max_steps (--steps) must be a positive number of steps per trial, got {job.train.max_steps}")
+    eval_schedule(job.train.max_steps, job.eval_points)
+    out = Path(job.output_dir)
+    if out.exists() and not out.is_dir():
+        raise SearchError(f"output_dir {out} exists and is not a folder")
+    if job.storage is None:
+        out.mkdir(parents=True, exist_ok=True)
+    url = job.storage or default_storage_url(out)
+    study = open_study(open_storage(url, job.search), job.study_name, job.search, search_context(job),
+                       storage_label=redact_url(url))
+    return url, sum(1 for t in study.get_trials(deepcopy=False) if is_counted(t))
+
+
+def run_search_job(job: SearchJob, log: Callable[[str], None] = print) -> SearchResult:
+    """Check the job, load model and data, run the search, write and print the results."""
+    from floe.arch import decoder_layers
+    from floe.jobs import load_splits
+    from floe.models import load_model
+    from floe.search.objective import make_training_objective
+
+    url, done = check_job(job)
+    if done:
+        log(f"[floe] study {job.study_name!r} already has {done} finished trials: resuming")
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(job.model.name, dtype=job.model.dtype)
+    log(f"[floe] model {job.model.name}: loaded in {time.perf_counter() - t0:.1f}s")
+    n_layers = len(decoder_layers(model)[1])
+    if job.adapter.layers is not None and max(job.adapter.layers) >= n_layers:
+        raise SearchError(f"adapter.layers {job.adapter.layers} out of range: {job.model.name} has {n_layers} "
+                          f"decoder layers (0..{n_layers - 1})")
+    t0 = time.perf_counter()
+    train_ds, eval_ds = load_splits(job.data, tokenizer)
+    log(f"[floe] data {job.data.source}: {len(train_ds)} train / {len(eval_ds)} validation examples "
+        f"({time.perf_counter() - t0:.1f}s)")
+    adapter = dataclasses.replace(job.adapter, base_model_name_or_path=job.model.name)
+    objective = make_training_objective(lambda: copy.deepcopy(model), tokenizer, train_ds, eval_ds, job.train,
+                                        layers=job.adapter.layers, adapter=adapter, eval_points=job.eval_points)
+    s = job.search
+    if s.pruner == "halving" and s.halving_min_resource is None:  # first rung at the first evaluation
+        s = dataclasses.replace(s, halving_min_resource=job.train.max_steps // job.eval_points)
+    log(f"[floe] search r in {s.ranks()[0]}..{s.ranks()[-1]} step {s.r_step}, M in {s.experts} "
+        f"({s.space_size()} configurations), {s.n_trials} trials, {s.sampler} sampler, {s.pruner} pruner, "
+        f"{job.train.max_steps} steps per trial; study {job.study_name!r} in {redact_url(url)}")
+    result = search_rank(objective, s, storage=url, study_name=job.study_name, output_dir=job.output_dir,
+                         context=search_context(job), on_trial=lambda t: log("[floe] trial " + format_trial(t).strip()))
+    log(format_table(result))
+    log(f"[floe] wrote {Path(job.output_dir) / 'search.json'} and {Path(job.output_dir) / 'search.png'}")
+    return result
