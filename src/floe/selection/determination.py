@@ -1,0 +1,212 @@
+"""Determination stage: the greedy mask search of Algorithm 1 (paper Eq. 11-12, Alg. 1).
+
+Inputs are per-unit scores over all layers at once: ``fisher_head`` / ``cost_head`` of shape
+``(L, H)`` (query heads) and ``fisher_neuron`` / ``cost_neuron`` of shape ``(L, F)`` (FFN
+neurons). Fisher ``F_u = sum_b g[b, u]^2`` comes from the adapted model, the Taylor cost
+``c_u`` from the base model (DESIGN.md "Mask variables and scores").
+
+Budget: ``C = gamma * sum_u c_u`` with ``gamma`` in (0, 1). Alg. 1 prices every head at the mean
+head cost ``t_h`` and every neuron at the mean neuron cost ``t_f``; for ``n = 0 .. #heads``
+(``n * t_h <= C``) it takes ``f = clip(floor((C - n t_h) / t_f), 0, #neurons)`` neurons and
+forms ``S_n`` = the ``n`` heads and ``f`` neurons with the smallest (``paper``) or largest
+(``kwon``, ``fisher_top``) Fisher, then keeps the best ``S_n``.
+
+The three ``rule`` readings (DESIGN.md "Determination"):
+
+=============  ======================  ===========================  ======================
+rule           S_n takes               best S_n                     S is
+=============  ======================  ===========================  ======================
+``paper``      smallest Fisher         smallest total Fisher        the masked set (m=0)
+``kwon``       largest Fisher          largest total Fisher         the kept set (m=1)
+``fisher_top`` largest Fisher          largest total Fisher         the masked set (m=0)
+=============  ======================  ===========================  ======================
+
+Whatever the rule, :func:`determine` returns the *masked* units, so downstream code is
+rule-agnostic. Implementation: one stable sort per unit type and prefix sums make the whole
+scan over ``n`` a vectorised ``O(N log N)`` (ties in Fisher are broken by flat index, lower
+first; ties between ``n`` values keep the smallest ``n``, as the loop's strict ``<`` does).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+RULES = ("paper", "kwon", "fisher_top")
+
+# Guards floor((C - n t_h) / t_f) against an exact multiple landing just below an integer.
+_FLOOR_EPS = 1e-9
+
+
+@dataclass(frozen=True, eq=False)
+class MaskSet:
+    """Masked units (``True`` = mask variable set to 0).
+
+    ``masked_head``: ``(L, H)`` bool; ``masked_neuron``: ``(L, F)`` bool. ``diagnostics`` holds
+    what the stage that produced the set wants to report (JSON-friendly scalars).
+    """
+
+    masked_head: torch.Tensor
+    masked_neuron: torch.Tensor
+    diagnostics: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("masked_head", "masked_neuron"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.bool or t.dim() != 2:
+                raise ValueError(f"MaskSet.{name} must be a 2-D bool tensor (layers, units); "
+                                 f"got {type(t).__name__} {getattr(t, 'dtype', '')} "
+                                 f"{tuple(getattr(t, 'shape', ()))}")
+        if self.masked_head.shape[0] != self.masked_neuron.shape[0]:
+            raise ValueError(f"MaskSet layer counts differ: heads {tuple(self.masked_head.shape)}"
+                             f" vs neurons {tuple(self.masked_neuron.shape)}")
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.masked_head.shape[0])
+
+    def head_mask(self) -> torch.Tensor:
+        """Float mask values ``m`` for heads: 0 where masked, 1 elsewhere, ``(L, H)``."""
+        return (~self.masked_head).to(torch.float32)
+
+    def neuron_mask(self) -> torch.Tensor:
+        """Float mask values ``m`` for neurons: 0 where masked, 1 elsewhere, ``(L, F)``."""
+        return (~self.masked_neuron).to(torch.float32)
+
+    def masked_cost(self, cost_head: torch.Tensor, cost_neuron: torch.Tensor) -> float:
+        """Total per-unit cost ``sum_{u masked} c_u``."""
+        return float(cost_head.double()[self.masked_head].sum()
+                     + cost_neuron.double()[self.masked_neuron].sum())
+
+    def counts_per_layer(self) -> tuple[list[int], list[int]]:
+        """Masked heads and masked neurons per layer."""
+        return (self.masked_head.sum(1).tolist(), self.masked_neuron.sum(1).tolist())
+
+
+def check_rule(rule: str) -> str:
+    if rule not in RULES:
+        raise ValueError(f"mask_rule must be one of {RULES}, got {rule!r}")
+    return rule
+
+
+def check_scores(fisher_head: torch.Tensor, fisher_neuron: torch.Tensor,
+                 cost_head: torch.Tensor, cost_neuron: torch.Tensor) -> None:
+    """Shapes ``(L, H)`` / ``(L, F)`` agree, values finite, costs non-negative."""
+    named = {"fisher_head": fisher_head, "fisher_neuron": fisher_neuron,
+             "cost_head": cost_head, "cost_neuron": cost_neuron}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor (layers, units); got "
+                             f"{type(t).__name__} with shape {tuple(getattr(t, 'shape', ()))}")
+        if t.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or inf; recompute the scores")
+    if fisher_head.shape != cost_head.shape:
+        raise ValueError(f"fisher_head {tuple(fisher_head.shape)} and cost_head "
+                         f"{tuple(cost_head.shape)} must have the same shape (L, H)")
+    if fisher_neuron.shape != cost_neuron.shape:
+        raise ValueError(f"fisher_neuron {tuple(fisher_neuron.shape)} and cost_neuron "
+                         f"{tuple(cost_neuron.shape)} must have the same shape (L, F)")
+    if fisher_head.shape[0] != fisher_neuron.shape[0]:
+        raise ValueError(f"head scores have {fisher_head.shape[0]} layers, neuron scores "
+                         f"{fisher_neuron.shape[0]}")
+    check_costs(cost_head, cost_neuron)
+
+
+def check_costs(cost_head: torch.Tensor, cost_neuron: torch.Tensor) -> None:
+    """Per-unit Taylor costs: 2-D, finite, non-negative, same number of layers."""
+    for name, t in (("cost_head", cost_head), ("cost_neuron", cost_neuron)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.numel() == 0:
+            raise ValueError(f"{name} must be a non-empty 2-D tensor (layers, units); got "
+                             f"{type(t).__name__} with shape {tuple(getattr(t, 'shape', ()))}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or inf; recompute the Taylor costs")
+        if bool((t < 0).any()):
+            raise ValueError(f"{name} has negative entries; Taylor costs are sums of "
+                             "absolute values and must be >= 0")
+    if cost_head.shape[0] != cost_neuron.shape[0]:
+        raise ValueError(f"cost_head has {cost_head.shape[0]} layers, cost_neuron "
+                         f"{cost_neuron.shape[0]}")
+
+
+def budget_from_fraction(gamma: float, cost_head: torch.Tensor,
+                         cost_neuron: torch.Tensor) -> float:
+    """``C = gamma * sum_u c_u`` (DESIGN.md "Determination"); ``gamma`` must lie in (0, 1)."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) \
+            or not 0.0 < float(gamma) < 1.0:
+        raise ValueError(f"budget must be a fraction gamma in (0, 1) of the total Taylor cost, "
+                         f"got {gamma!r}")
+    total = float(cost_head.double().sum() + cost_neuron.double().sum())
+    if not total > 0.0:
+        raise ValueError("the total Taylor cost is zero, so a budget gamma * total cost is "
+                         "meaningless; check the cost computation (adapters off, loss on "
+                         "response tokens)")
+    return float(gamma) * total
+
+
+def mean_costs(cost_head: torch.Tensor, cost_neuron: torch.Tensor) -> tuple[float, float]:
+    """``(t_h, t_f)``: mean Taylor cost of a head and of a neuron (Alg. 1 inputs)."""
+    return float(cost_head.double().mean()), float(cost_neuron.double().mean())
+
+
+def _feasible_counts(budget_c: float, t_h: float, t_f: float, n_heads: int,
+                     n_neurons: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alg. 1 lines 3-8: the head counts ``n`` with ``n t_h <= C`` and their ``f``."""
+    n = torch.arange(n_heads + 1, dtype=torch.float64)
+    n = n[n * t_h <= budget_c]
+    if t_f > 0:
+        f = torch.floor((budget_c - n * t_h) / t_f + _FLOOR_EPS)
+    else:  # neurons cost nothing: every neuron fits
+        f = torch.full_like(n, float(n_neurons))
+    f = f.clamp(0, n_neurons)
+    return n.long(), f.long()
+
+
+def determine(fisher_head: torch.Tensor, fisher_neuron: torch.Tensor, cost_head: torch.Tensor,
+              cost_neuron: torch.Tensor, budget: float, rule: str = "paper") -> MaskSet:
+    """Algorithm 1 (greedy mask search) over all layers at once; returns the masked units.
+
+    ``budget`` is the fraction ``gamma`` in (0, 1): ``C = gamma * sum_u c_u``. ``rule`` is one
+    of ``"paper"``, ``"kwon"``, ``"fisher_top"`` (see the module docstring). The result's
+    ``diagnostics`` has ``rule``, ``budget`` (C), ``gamma``, ``t_h``, ``t_f``, ``n_heads`` /
+    ``n_neurons`` (the chosen ``n`` and ``f``, counted in S), ``objective`` (total Fisher of
+    S), ``mean_cost`` (n t_h + f t_f) and ``masked_cost`` (per-unit cost of the masked set).
+    """
+    check_rule(rule)
+    check_scores(fisher_head, fisher_neuron, cost_head, cost_neuron)
+    budget_c = budget_from_fraction(budget, cost_head, cost_neuron)
+    t_h, t_f = mean_costs(cost_head, cost_neuron)
+    n_layers, heads_per_layer = fisher_head.shape
+    fh = fisher_head.reshape(-1).double()
+    fn = fisher_neuron.reshape(-1).double()
+
+    descending = rule != "paper"  # paper: smallest Fisher; kwon / fisher_top: largest
+    order_h = torch.sort(fh, descending=descending, stable=True).indices
+    order_f = torch.sort(fn, descending=descending, stable=True).indices
+    prefix_h = torch.cat([fh.new_zeros(1), torch.cumsum(fh[order_h], 0)])
+    prefix_f = torch.cat([fn.new_zeros(1), torch.cumsum(fn[order_f], 0)])
+
+    n, f = _feasible_counts(budget_c, t_h, t_f, fh.numel(), fn.numel())
+    objective = prefix_h[n] + prefix_f[f]
+    # argmin/argmax return the first extreme value: the smallest n among ties (Alg. 1's strict <)
+    best = int(torch.argmax(objective) if descending else torch.argmin(objective))
+    n_best, f_best = int(n[best]), int(f[best])
+
+    in_s_h = torch.zeros(fh.numel(), dtype=torch.bool)
+    in_s_h[order_h[:n_best]] = True
+    in_s_f = torch.zeros(fn.numel(), dtype=torch.bool)
+    in_s_f[order_f[:f_best]] = True
+    if rule == "kwon":  # S is the kept set
+        in_s_h, in_s_f = ~in_s_h, ~in_s_f
+    masks = MaskSet(in_s_h.reshape(n_layers, heads_per_layer),
+                    in_s_f.reshape(n_layers, fisher_neuron.shape[1]))
+    masks.diagnostics.update(
+        rule=rule, gamma=float(budget), budget=budget_c, t_h=t_h, t_f=t_f,
+        n_heads=n_best, n_neurons=f_best, objective=float(objective[best]),
+        mean_cost=n_best * t_h + f_best * t_f,
+        masked_cost=masks.masked_cost(cost_head, cost_neuron),
+    )
+    return masks
