@@ -52,6 +52,8 @@ class DataSpec:
     """Seed of the train/validation/test split and of sampling."""
     on_error: str = "raise"
     """What to do with malformed or over-long examples: raise, or skip (logged)."""
+    truncate_prompt: bool = False
+    """Cut over-long prompts from the left instead of failing (the response is never cut)."""
 
 
 @dataclass
@@ -75,7 +77,8 @@ def load_splits(spec: DataSpec, tokenizer):
     from floe.data import load_data
 
     common = dict(max_length=spec.max_length, seed=spec.seed, max_per_task=spec.max_per_task,
-                  val_fraction=spec.val_fraction, test_fraction=spec.test_fraction, on_error=spec.on_error)
+                  val_fraction=spec.val_fraction, test_fraction=spec.test_fraction, on_error=spec.on_error,
+                  truncate_prompt=spec.truncate_prompt)
     train_ds = load_data(spec.source, tokenizer, split="train", fraction=spec.fraction,
                          max_examples=spec.max_train_examples, **common)
     eval_ds = load_data(spec.source, tokenizer, split="validation", max_examples=spec.max_eval_examples, **common)
