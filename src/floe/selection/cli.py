@@ -1,0 +1,241 @@
+"""``floe select``: rank the layers of a warm-up-adapted model and choose the critical ones.
+
+    floe select --model smollm2-135m --adapter runs/warmup/adapter \\
+        --data bigbench:natural_instructions --budget 0.5 --top-k 8 --output runs/select
+
+writes ``selection.json`` (scores, ranking, chosen layers, per-stage diagnostics, timings, input
+fingerprints), ``masks.safetensors`` (binary and tuned masks), ``layer_importance.png`` (paper
+Fig. 3/10 style) and, with ``--stability``, ``stability.png`` (Fig. 7), then prints a table.
+Runs data-parallel under ``torchrun``/``accelerate launch`` (the first process writes).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from floe.jobs import DataSpec, ModelSpec
+from floe.selection.api import Selection, SelectionConfig
+
+OUTPUT_FILES = ("selection.json", "masks.safetensors", "layer_importance.png", "stability.png")
+
+
+@dataclass
+class SelectJob:
+    """``floe select``: FLoE layer selection on a warm-up-adapted model."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    """The base model the warm-up adapter was trained on."""
+    adapter: str = ""
+    """Folder of the warm-up (full-layer MoE-LoRA) adapter, e.g. runs/warmup/adapter."""
+    data: DataSpec = field(default_factory=DataSpec)
+    """Selection data (the paper uses the warm-up sample); the train split is used."""
+    batch_size: int = 4
+    """Examples per selection batch (one gradient per batch enters the Fisher)."""
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    """Budget, top-k, mask rule, scorer, refinement/tuning options."""
+    output_dir: str = "runs/select"
+    """Where selection.json, masks.safetensors and the figures are written."""
+
+
+# flag → (dotted config key, argparse kwargs)
+SELECT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "--model": ("model.name", dict(help="built-in name (smollm2-135m), local folder or hub id")),
+    "--dtype": ("model.dtype", dict(help="float32 | bfloat16 | float16 | auto")),
+    "--adapter": ("adapter", dict(help="warm-up adapter folder written by `floe train` (<output_dir>/adapter)")),
+    "--data": ("data.source", dict(help="bigbench:natural_instructions, bigbench:<task>, a JSON/JSONL file or dataset folder")),
+    "--max-length": ("data.max_length", dict(type=int, help="longest tokenised example")),
+    "--max-examples": ("data.max_train_examples", dict(type=int, help="cap on selection examples")),
+    "--fraction": ("data.fraction", dict(type=float, help="share of the train split to use")),
+    "--batch-size": ("batch_size", dict(type=int, help="examples per selection batch")),
+    "--num-batches": ("selection.num_batches", dict(type=int, help="use the first N batches (default: all)")),
+    "--budget": ("selection.budget", dict(help="Taylor budget gamma in (0, 1)")),
+    "--top-k": ("selection.top_k", dict(help="layers to choose: a count (8) or a fraction (0.25)")),
+    "--mask-rule": ("selection.mask_rule", dict(help="paper | kwon | fisher_top")),
+    "--scorer": ("selection.scorer", dict(help="floe | fisher | taylor | grad_norm | random | fim_variance")),
+    "--refine-iters": ("selection.refine_iters", dict(type=int, help="most refinement swaps")),
+    "--refine-candidates": ("selection.refine_candidates", dict(type=int, help="K candidates per type and step")),
+    "--damping": ("selection.damping", dict(type=float, help="ridge damping of the tuning solve")),
+    "--seed": ("selection.seed", dict(type=int, help="seed of the random scorer and stability subsamples")),
+    "--output": ("output_dir", dict(help="output folder")),
+}
+
+
+def add_select_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``floe select`` on the ``floe`` command's sub-parsers."""
+    from floe.cli import EPILOG, add_job_flags
+
+    p = subparsers.add_parser(
+        "select", help="score layers with FLoE and choose the critical ones",
+        description="FLoE layer selection: Taylor cost (base model) and Fisher (warm-up adapted model) of every "
+                    "head and FFN neuron, mask search (Alg. 1), refinement (Alg. 2), least-squares tuning, "
+                    "per-layer scores and the top-k layers.", epilog=EPILOG)
+    add_job_flags(p, SELECT_FLAGS)
+    p.add_argument("--stability", action="store_true", help="also rank on 100/70/30%% subsamples (Fig. 7)")
+    p.add_argument("--no-refine", action="store_true", help="skip the refinement stage (Alg. 2)")
+    p.add_argument("--no-tune", action="store_true", help="skip the tuning stage (score the binary masks)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_select)
+    return p
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _job(args: argparse.Namespace) -> SelectJob:
+    from floe.cli import job_from_args
+
+    job = job_from_args(SelectJob, args, SELECT_FLAGS)
+    s = job.selection
+    if getattr(args, "stability", False):
+        s.stability = True
+    if getattr(args, "no_refine", False):
+        s.refine = False
+    if getattr(args, "no_tune", False):
+        s.tune = False
+    s.progress = not getattr(args, "no_progress", False)
+    if not job.adapter:
+        raise _UsageError("--adapter is required: the warm-up adapter folder written by `floe train`")
+    if job.batch_size < 1:
+        raise _UsageError(f"--batch-size must be >= 1, got {job.batch_size}")
+    return job
+
+
+def _init_distributed():
+    """Initialise torch.distributed under torchrun/accelerate when it is not yet; returns the device."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def format_table(sel: Selection) -> str:
+    """A readable per-layer table (in layer order) and the chosen layers."""
+    rank_of = {layer: r for r, layer in enumerate(sel.ranking)}
+    chosen = set(sel.chosen)
+    head = f"{'layer':>5} {'rank':>4} {'score':>9}"
+    if sel.untuned_scores is not None:
+        head += f" {'untuned':>9}"
+    if sel.heads_masked is not None:
+        head += f" {'heads':>7} {'neurons':>9}"
+    if sel.fisher_share is not None:
+        head += f" {'fisher%':>8}"
+    lines = [head + "  chosen"]
+    g = sel.geometry
+    for layer in range(sel.num_layers):
+        row = f"{layer:>5} {rank_of[layer]:>4} {sel.scores[layer]:>9.4f}"
+        if sel.untuned_scores is not None:
+            row += f" {sel.untuned_scores[layer]:>9.4f}"
+        if sel.heads_masked is not None:
+            row += f" {sel.heads_masked[layer]:>3}/{g.get('num_heads', 0):<3} {sel.neurons_masked[layer]:>4}/{g.get('num_neurons', 0):<4}"
+        if sel.fisher_share is not None:
+            row += f" {100 * sel.fisher_share[layer]:>7.2f}%"
+        lines.append(row + ("  *" if layer in chosen else ""))
+    lines.append(f"scorer {sel.scorer}; chosen layers (rank order): {sel.chosen}")
+    if sel.heads_masked is not None:
+        lines.append("heads/neurons: masked units per layer (m = 0)")
+    return "\n".join(lines)
+
+
+def write_outputs(sel: Selection, out: Path, title: str = "") -> list[Path]:
+    """Write every output into temp files first, then rename them all into ``out``."""
+    import shutil
+    import tempfile
+
+    from floe.selection.plots import plot_layer_heatmap
+    from floe.selection.stability import StabilityResult, plot_stability
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".select-", dir=out))
+    try:
+        sel.to_json(tmp / "selection.json")
+        sel.save_masks(tmp / "masks.safetensors")
+        plot_layer_heatmap(sel.head_importance, sel.neuron_importance, sel.scores, sel.chosen,
+                           tmp / "layer_importance.png", title=title)
+        if sel.stability:
+            plot_stability(StabilityResult(**sel.stability), tmp / "stability.png", title=title)
+        written = []
+        for name in OUTPUT_FILES:
+            if (tmp / name).exists():
+                os.replace(tmp / name, out / name)
+                written.append(out / name)
+        return written
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_select(args: argparse.Namespace) -> int:
+    """Entry point of ``floe select`` (returns the exit status)."""
+    from floe.config import ConfigError, describe
+
+    if getattr(args, "print_config", False):
+        print("\n".join(describe(SelectJob)))
+        return 0
+    try:
+        job = _job(args)
+        return _run(job)
+    except (_UsageError, ConfigError) as e:
+        print(f"floe select: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # SelectionError, AdapterError, DataError: bad input, nothing written
+        print(f"floe select: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(job: SelectJob) -> int:
+    import torch.distributed as dist
+
+    from floe.adapters.moe_lora import read_adapter_config
+    from floe.config import to_dict
+    from floe.data import DataCollator, iter_batches, load_data
+    from floe.models import ModelUnavailableError, load_model
+    from floe.selection.api import select_layers
+    from floe.selection.importance import dist_info
+
+    adapter_dir = Path(job.adapter)
+    if not adapter_dir.is_dir():
+        raise _UsageError(f"adapter folder {adapter_dir} does not exist; pass the folder written by "
+                          "`floe train` (<output_dir>/adapter)")
+    adapter_cfg = read_adapter_config(adapter_dir)  # AdapterError when it is not an adapter folder
+    device = _init_distributed()
+    rank, world = dist_info()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    try:
+        model, tokenizer = load_model(job.model.name, dtype=job.model.dtype, device=device)
+    except ModelUnavailableError as e:
+        raise _UsageError(str(e)) from e
+    if adapter_cfg.base_model_name_or_path not in (None, job.model.name):
+        say(f"[floe] note: the adapter was trained on {adapter_cfg.base_model_name_or_path!r}, "
+            f"selecting on {job.model.name!r} (shapes are checked)")
+    d = job.data
+    dataset = load_data(d.source, tokenizer, split="train", max_length=d.max_length, fraction=d.fraction,
+                        seed=d.seed, max_examples=d.max_train_examples, max_per_task=d.max_per_task,
+                        val_fraction=d.val_fraction, test_fraction=d.test_fraction, on_error=d.on_error)
+    batches = list(iter_batches(dataset, job.batch_size, DataCollator(tokenizer)))
+    say(f"[floe] {len(dataset)} examples in {len(batches)} batches of {job.batch_size}"
+        + (f" on {world} processes" if world > 1 else ""))
+    sel = select_layers(model, adapter_dir, batches, job.selection)
+    sel.fingerprints["job"] = to_dict(job)
+    if rank == 0:
+        written = write_outputs(sel, Path(job.output_dir), title=f"{job.model.name} · {d.source}")
+        print(format_table(sel))
+        t = sel.timings
+        print("[floe] seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+        for fb in sel.diagnostics.get("tuning_fallbacks", []):
+            print(f"[floe] tuning fallback: {fb}")
+        print("[floe] wrote " + ", ".join(str(p) for p in written))
+    if world > 1:
+        dist.barrier()
+    return 0
