@@ -30,8 +30,10 @@ _EXPORTS = {
     "run_train": "floe.jobs",
     "select_layers": "floe.selection",
     "SelectionConfig": "floe.selection",
+    "Selection": "floe.selection",
     "search_rank": "floe.search",
     "SearchConfig": "floe.search",
+    "make_training_objective": "floe.search",
     "allocate_ranks": "floe.allocate",
     "AllocateConfig": "floe.allocate",
 }

@@ -222,7 +222,8 @@ def _run(job: SelectJob) -> int:
     d = job.data
     dataset = load_data(d.source, tokenizer, split="train", max_length=d.max_length, fraction=d.fraction,
                         seed=d.seed, max_examples=d.max_train_examples, max_per_task=d.max_per_task,
-                        val_fraction=d.val_fraction, test_fraction=d.test_fraction, on_error=d.on_error)
+                        val_fraction=d.val_fraction, test_fraction=d.test_fraction, on_error=d.on_error,
+                        truncate_prompt=d.truncate_prompt)
     batches = list(iter_batches(dataset, job.batch_size, DataCollator(tokenizer)))
     say(f"[floe] {len(dataset)} examples in {len(batches)} batches of {job.batch_size}"
         + (f" on {world} processes" if world > 1 else ""))
