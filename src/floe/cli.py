@@ -88,8 +88,16 @@ def add_job_flags(p: argparse.ArgumentParser, flags: dict[str, tuple[str, dict[s
         p.add_argument(flag, dest=key.replace(".", "__"), default=argparse.SUPPRESS, **kw)
 
 
-def job_from_args(cls: type, args: argparse.Namespace, flags: dict[str, tuple[str, dict[str, Any]]]):
+def job_from_args(cls: type, args: argparse.Namespace, flags: dict[str, tuple[str, dict[str, Any]]],
+                  other_commands_sections: tuple[str, ...] = ()):
+    """Config tree from --config, then flags, then --set; build ``cls`` from it.
+
+    ``other_commands_sections``: top-level sections of a shared config file that belong to
+    other commands (e.g. ``train`` for ``floe select``) and are ignored here.
+    """
     tree: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    for section in other_commands_sections:
+        tree.pop(section, None)
     for flag, (key, _) in flags.items():
         dest = key.replace(".", "__")
         if hasattr(args, dest):  # flags the user gave (defaults are suppressed)

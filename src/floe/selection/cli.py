@@ -29,7 +29,7 @@ class SelectJob:
 
     model: ModelSpec = field(default_factory=ModelSpec)
     """The base model the warm-up adapter was trained on."""
-    adapter: str = ""
+    adapter_dir: str = ""
     """Folder of the warm-up (full-layer MoE-LoRA) adapter, e.g. runs/warmup/adapter."""
     data: DataSpec = field(default_factory=DataSpec)
     """Selection data (the paper uses the warm-up sample); the train split is used."""
@@ -45,7 +45,7 @@ class SelectJob:
 SELECT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--model": ("model.name", dict(help="built-in name (smollm2-135m), local folder or hub id")),
     "--dtype": ("model.dtype", dict(help="float32 | bfloat16 | float16 | auto")),
-    "--adapter": ("adapter", dict(help="warm-up adapter folder written by `floe train` (<output_dir>/adapter)")),
+    "--adapter": ("adapter_dir", dict(help="warm-up adapter folder written by `floe train` (<output_dir>/adapter)")),
     "--data": ("data.source", dict(help="bigbench:natural_instructions, bigbench:<task>, a JSON/JSONL file or dataset folder")),
     "--max-length": ("data.max_length", dict(type=int, help="longest tokenised example")),
     "--max-examples": ("data.max_train_examples", dict(type=int, help="cap on selection examples")),
@@ -89,7 +89,8 @@ class _UsageError(Exception):
 def _job(args: argparse.Namespace) -> SelectJob:
     from floe.cli import job_from_args
 
-    job = job_from_args(SelectJob, args, SELECT_FLAGS)
+    # a `floe train` config file works as is: its adapter hyperparameters and training section are not ours
+    job = job_from_args(SelectJob, args, SELECT_FLAGS, other_commands_sections=("adapter", "train", "export_peft"))
     s = job.selection
     if getattr(args, "stability", False):
         s.stability = True
@@ -98,7 +99,7 @@ def _job(args: argparse.Namespace) -> SelectJob:
     if getattr(args, "no_tune", False):
         s.tune = False
     s.progress = not getattr(args, "no_progress", False)
-    if not job.adapter:
+    if not job.adapter_dir:
         raise _UsageError("--adapter is required: the warm-up adapter folder written by `floe train`")
     if job.batch_size < 1:
         raise _UsageError(f"--batch-size must be >= 1, got {job.batch_size}")
@@ -204,7 +205,7 @@ def _run(job: SelectJob) -> int:
     from floe.selection.api import select_layers
     from floe.selection.importance import dist_info
 
-    adapter_dir = Path(job.adapter)
+    adapter_dir = Path(job.adapter_dir)
     if not adapter_dir.is_dir():
         raise _UsageError(f"adapter folder {adapter_dir} does not exist; pass the folder written by "
                           "`floe train` (<output_dir>/adapter)")
