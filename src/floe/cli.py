@@ -53,12 +53,16 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return tree
 
 
-# flag → (dotted config key, argparse kwargs)
-TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+# flag → (dotted config key, argparse kwargs). COMMON_FLAGS are shared by every job command.
+COMMON_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--model": ("model.name", dict(help="built-in name (smollm2-135m), local folder or hub id")),
     "--dtype": ("model.dtype", dict(help="float32 | bfloat16 | float16 | auto")),
     "--data": ("data.source", dict(help="bigbench:natural_instructions, bigbench:<task>, a JSON/JSONL file or dataset folder")),
     "--max-length": ("data.max_length", dict(type=int, help="longest tokenised example")),
+}
+
+TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    **COMMON_FLAGS,
     "--max-train-examples": ("data.max_train_examples", dict(type=int, help="cap on training examples")),
     "--max-eval-examples": ("data.max_eval_examples", dict(type=int, help="cap on validation examples")),
     "--fraction": ("data.fraction", dict(type=float, help="share of the training split to use (warm-up: 0.5)")),

@@ -6,6 +6,8 @@ import signal
 import sys
 from typing import Any
 
+from floe.cli import COMMON_FLAGS
+
 DESCRIPTION = """Bayesian optimisation (Optuna TPE) of the LoRA rank r and the number of experts M:
 each trial trains MoE-LoRA for --steps steps and its validation loss is the objective; a pruner
 stops hopeless trials, repeated (r, M) reuse the cached result, failed trials (NaN, out of memory)
@@ -28,11 +30,8 @@ def _layers(text: str):  # type: ignore[no-untyped-def]
 
 # flag -> (dotted key of SearchJob, argparse kwargs)
 SEARCH_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--model": ("model.name", dict(help="built-in name (smollm2-135m), local folder or hub id")),
-    "--dtype": ("model.dtype", dict(help="float32 | bfloat16 | float16 | auto")),
-    "--data": ("data.source", dict(help="bigbench:natural_instructions, bigbench:<task>, a JSON/JSONL file or folder")),
+    **COMMON_FLAGS,
     "--fraction": ("data.fraction", dict(type=float, help="share of the training split trials train on (the paper's warm-up sample: 0.5)")),
-    "--max-length": ("data.max_length", dict(type=int, help="longest tokenised example")),
     "--max-train-examples": ("data.max_train_examples", dict(type=int, help="cap on training examples")),
     "--max-eval-examples": ("data.max_eval_examples", dict(type=int, help="cap on validation examples")),
     "--layers": ("adapter.layers", dict(type=_layers, help="decoder layers to adapt: 'all' (default, as the paper) or e.g. '0,3,5-7'")),

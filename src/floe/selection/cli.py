@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from floe.cli import COMMON_FLAGS
+
 from floe.jobs import DataSpec, ModelSpec
 from floe.selection.api import Selection, SelectionConfig
 
@@ -43,11 +45,8 @@ class SelectJob:
 
 # flag → (dotted config key, argparse kwargs)
 SELECT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--model": ("model.name", dict(help="built-in name (smollm2-135m), local folder or hub id")),
-    "--dtype": ("model.dtype", dict(help="float32 | bfloat16 | float16 | auto")),
+    **COMMON_FLAGS,
     "--adapter": ("adapter_dir", dict(help="warm-up adapter folder written by `floe train` (<output_dir>/adapter)")),
-    "--data": ("data.source", dict(help="bigbench:natural_instructions, bigbench:<task>, a JSON/JSONL file or dataset folder")),
-    "--max-length": ("data.max_length", dict(type=int, help="longest tokenised example")),
     "--max-examples": ("data.max_train_examples", dict(type=int, help="cap on selection examples")),
     "--fraction": ("data.fraction", dict(type=float, help="share of the train split to use")),
     "--batch-size": ("batch_size", dict(type=int, help="examples per selection batch")),

@@ -161,7 +161,7 @@ def mask_gradients(model: nn.Module, batches: Iterable[dict], *, stage: str = "m
     """
     device = model_device(model)
     rows_h, rows_n, rows_l = [], [], []
-    seen = _Counter()
+    seen = BatchCounter()
     with frozen(model), MaskHooks(model, requires_grad=True) as hooks:
         for i, batch in (progress or (lambda x: x))(my_batches(seen.wrap(batches))):
             loss = batch_loss(model, batch, device)
@@ -191,7 +191,7 @@ def mask_gradients(model: nn.Module, batches: Iterable[dict], *, stage: str = "m
     return MaskGradients(head, neuron, loss)
 
 
-class _Counter:
+class BatchCounter:
     """Counts the items an iterable yields (to learn B from a stream)."""
 
     def __init__(self) -> None:

@@ -25,6 +25,7 @@ import torch.nn as nn
 from floe.adapters import moe_lora_modules
 from floe.arch import decoder_layers
 from floe.selection.importance import (
+    BatchCounter,
     SelectionError,
     all_reduce_sum,
     batch_loss,
@@ -88,18 +89,11 @@ def adapter_gradient_stats(model: nn.Module, batches: Iterable[dict],
     sums_b = [torch.zeros_like(p, dtype=torch.float64) for _, p in b_params]
     sq_b = torch.zeros(num_layers, dtype=torch.float64)  # Σ_b ||g_B,b||² per layer
     rows: list[torch.Tensor] = []
-    n_seen = 0
-
-    def counted(items):
-        nonlocal n_seen
-        for x in items:
-            n_seen += 1
-            yield x
-
+    seen = BatchCounter()
     params_only = [p for _, p in all_params]
     b_index = {id(p): j for j, (_, p) in enumerate(b_params)}
     with frozen(model, keep=params_only):
-        for i, batch in (progress or (lambda x: x))(my_batches(counted(batches))):
+        for i, batch in (progress or (lambda x: x))(my_batches(seen.wrap(batches))):
             loss = batch_loss(model, batch, device)
             if not torch.isfinite(loss):
                 raise SelectionError(f"adapter gradients: batch {i} gave a non-finite loss; check the data "
@@ -116,6 +110,7 @@ def adapter_gradient_stats(model: nn.Module, batches: Iterable[dict],
                     sums_b[j] += gd
                     sq_b[lid] += float((gd ** 2).sum())
             rows.append(sq.float())
+    n_seen = seen.count
     check_batch_count(n_seen)
     if n_seen == 0:
         raise SelectionError("adapter gradients: no batches were given")

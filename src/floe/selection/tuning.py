@@ -45,7 +45,7 @@ import torch.nn as nn
 
 from floe.arch import decoder_layers, find_child
 from floe.selection.determination import MaskSet
-from floe.selection.importance import SelectionError, all_reduce_sum, check_batch_count, my_batches
+from floe.selection.importance import BatchCounter, SelectionError, all_reduce_sum, check_batch_count, my_batches
 from floe.selection.lstsq import RidgeSolveError, ridge_solve
 from floe.selection.masks import MaskHooks, base_linear, frozen, model_device, to_model_inputs, token_mask
 
@@ -140,15 +140,8 @@ def _capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: Iter
                           device: torch.device) -> list[_BatchState]:
     """One truncated forward per batch: the first layer's hidden input and every layer's call args."""
     states: list[_BatchState] = []
-    n_seen = 0
-
-    def counted(items):
-        nonlocal n_seen
-        for x in items:
-            n_seen += 1
-            yield x
-
-    for _, batch in my_batches(counted(batches)):
+    seen = BatchCounter()
+    for _, batch in my_batches(seen.wrap(batches)):
         calls: list[tuple[tuple, dict]] = []
         first: list[torch.Tensor] = []
 
@@ -177,6 +170,7 @@ def _capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: Iter
                                  "decoder layers; cannot replay them one by one")
         tok = token_mask(batch).to(device)
         states.append(_BatchState(first[0], first[0].clone(), tok, calls))
+    n_seen = seen.count
     check_batch_count(n_seen)
     return states
 
