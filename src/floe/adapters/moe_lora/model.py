@@ -67,6 +67,7 @@ def apply_moe_lora(model: nn.Module, config: MoELoraConfig) -> list[str]:
             if name.split(".")[-1] in config.target_modules and isinstance(module, nn.Linear):
                 new = MoELoraLinear(module, config.r, config.num_experts, config.alpha, config.dropout)
                 new.keep_router_probs = config.router_aux_loss_coef > 0
+                new.train(module.training)  # a fresh nn.Module is in train mode; keep the model's mode (eval → no dropout)
                 _set_child(layers[i], name, new)
                 wrapped.append(f"{prefix}.{i}.{name}")
     setattr(model, _CONFIG_ATTR, config)
@@ -189,8 +190,42 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool
     ``trainable``.
     """
     cfg = read_adapter_config(directory)
-    if not moe_lora_modules(model):
-        apply_moe_lora(model, cfg)
+    if moe_lora_modules(model):
+        _check_same_hyperparameters(adapter_config(model), cfg, directory)
+        _load_weights(model, cfg, directory, trainable)
+        return cfg
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    apply_moe_lora(model, cfg)
+    try:
+        _load_weights(model, cfg, directory, trainable)
+    except BaseException:
+        _remove_moe_lora(model, requires_grad)  # leave the model as it was given
+        raise
+    return cfg
+
+
+def _check_same_hyperparameters(current: MoELoraConfig, saved: MoELoraConfig, directory) -> None:
+    """Weights of equal shape but another alpha would silently change the output: refuse."""
+    diff = [f"{k}: saved {getattr(saved, k)!r} vs model {getattr(current, k)!r}"
+            for k in ("r", "num_experts", "alpha") if getattr(saved, k) != getattr(current, k)]
+    if diff:
+        raise AdapterError(
+            f"adapter in {directory} was trained with other hyperparameters than the model's MoE-LoRA layers ("
+            + "; ".join(diff) + "). Load it into a fresh base model instead."
+        )
+
+
+def _remove_moe_lora(model: nn.Module, requires_grad: dict[str, bool]) -> None:
+    """Undo ``apply_moe_lora``: put the base linears back and restore ``requires_grad`` flags."""
+    for name, m in moe_lora_modules(model).items():
+        _set_child(model, name, m.base)
+    if hasattr(model, _CONFIG_ATTR):
+        delattr(model, _CONFIG_ATTR)
+    for n, p in model.named_parameters():
+        p.requires_grad_(requires_grad.get(n, p.requires_grad))
+
+
+def _load_weights(model: nn.Module, cfg: MoELoraConfig, directory, trainable: bool) -> None:
     own = adapter_state_dict(model)
     saved = load_file(str(Path(directory) / ADAPTER_WEIGHTS_NAME))
     missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
@@ -210,7 +245,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool
         for k, v in own.items():
             v.copy_(saved[k].to(v.dtype))
             v.requires_grad_(trainable)
-    return cfg
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
