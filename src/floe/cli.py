@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Callable
+from typing import Any
 
 from floe.config import ConfigError, describe, from_dict, load_yaml, merge
 

@@ -5,7 +5,6 @@ A notebook can call ``run_train(TrainJob(...))`` exactly as ``floe train`` does.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass, field

@@ -59,7 +59,7 @@ def load_source(source: str, policy: ErrorPolicy) -> Loaded:
         return Loaded(tasks={path.stem: _file_records(path, path.stem, policy)})
     if path.is_dir():
         return _folder(path, policy)
-    if source.startswith("hf:") or (_HUB_ID.match(source) and not path.suffix.lower() in FILE_SUFFIXES):
+    if source.startswith("hf:") or (_HUB_ID.match(source) and path.suffix.lower() not in FILE_SUFFIXES):
         return _hub(source.removeprefix("hf:"), policy)
     raise DataError(f"{source}: no such file or folder. Fix: check the path (json, jsonl, parquet or a "
                     f"folder), or use bigbench:<task> or hf:<dataset>.")
