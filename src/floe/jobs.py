@@ -5,7 +5,6 @@ A notebook can call ``run_train(TrainJob(...))`` exactly as ``floe train`` does.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ import yaml
 
 from floe.adapters.moe_lora import MoELoraConfig, apply_moe_lora, export_peft
 from floe.config import to_dict
+from floe.io import atomic_write_text
 from floe.train import TrainConfig, TrainResult, train
 
 
@@ -84,12 +84,6 @@ def load_splits(spec: DataSpec, tokenizer):
     return train_ds, eval_ds
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def run_train(job: TrainJob, log=print) -> TrainResult:
     """Load model and data, attach MoE-LoRA, train, save (and export) the adapter."""
@@ -112,7 +106,7 @@ def run_train(job: TrainJob, log=print) -> TrainResult:
     total = sum(p.numel() for p in model.parameters())
     log(f"[floe] MoE-LoRA r={adapter_cfg.r} M={adapter_cfg.num_experts} on {len(wrapped)} modules in "
         f"{len(layers)} layers {layers}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
-    _atomic_write(out / "job.yaml", yaml.safe_dump(to_dict(job), sort_keys=False))
+    atomic_write_text(out / "job.yaml", yaml.safe_dump(to_dict(job), sort_keys=False))
     result = train(model, tokenizer, train_ds, eval_ds, job.train)
     if job.export_peft:
         export_peft(model, out / "peft_adapter")

@@ -29,6 +29,7 @@ from floe.adapters.moe_lora import (
     save_adapter,
 )
 from floe.adapters.moe_lora.model import adapter_config
+from floe.io import atomic_write_text
 
 
 @dataclass
@@ -276,9 +277,8 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
         adapter_dir = Path(cfg.output_dir) / "adapter"
         save_adapter(model, adapter_dir)
         result.adapter_dir = str(adapter_dir)
-        tmp = Path(cfg.output_dir) / ".train_metrics.json.tmp"
-        tmp.write_text(json.dumps(result.to_dict(), indent=2, default=_json_default) + "\n")
-        os.replace(tmp, Path(cfg.output_dir) / "train_metrics.json")
+        atomic_write_text(Path(cfg.output_dir) / "train_metrics.json",
+                          json.dumps(result.to_dict(), indent=2, default=_json_default) + "\n")
     return result
 
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import os
 import random
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from floe.io import atomic_file
 
 from ..cache import cache_dir, pip_download
 from .records import DataError, Record, SkipExample, logger
@@ -54,15 +54,12 @@ def task_root() -> Path:
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as fh:
+    """Write through an open file handle, atomically (see :func:`floe.io.atomic_file`)."""
+    def through_handle(tmp: str) -> None:
+        with open(tmp, mode) as fh:
             write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_file(path, through_handle)
 
 
 def _task_key(member: str) -> str | None:

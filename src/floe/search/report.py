@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +9,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from floe.io import atomic_file, atomic_write_text
 from floe.search.config import SearchConfig
 
 # user_attrs written by the search on its trials
@@ -169,22 +168,11 @@ def collect_result(study: optuna.Study, config: SearchConfig, storage_label: str
     )
 
 
-def _atomic_write(path: Path, write) -> None:  # type: ignore[no-untyped-def]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def write_json(result: SearchResult, path: str | Path) -> Path:
     path = Path(path)
     text = json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(path, text)
     return path
 
 
@@ -230,7 +218,7 @@ def plot_trials(result: SearchResult, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    atomic_file(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return path
 

@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -24,9 +23,15 @@ import torch.nn as nn
 
 from floe.adapters import adapters_disabled, load_adapter, moe_lora_modules
 from floe.adapters.moe_lora import ADAPTER_WEIGHTS_NAME, adapter_state_dict
+from floe.io import atomic_file, atomic_write_text
 from floe.selection import score as score_mod
 from floe.selection.determination import RULES, MaskSet, determine
-from floe.selection.importance import MaskGradients, SelectionError, dist_info, mask_gradients
+from floe.selection.importance import (
+    MaskGradients,
+    SelectionError,
+    dist_info,
+    mask_gradients,
+)
 from floe.selection.masks import unit_geometry
 from floe.selection.refinement import refine
 from floe.selection.scorers import (
@@ -168,30 +173,8 @@ class Selection:
             return None
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in self.masks.items()}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_file(path, lambda tmp: save_file({k: v.contiguous() for k, v in self.masks.items()}, tmp))
 
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _jsonable(x: Any) -> Any:

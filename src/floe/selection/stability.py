@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from scipy import stats
+
+from floe.io import atomic_file
 
 
 @dataclass
@@ -136,17 +137,10 @@ def plot_stability(result: StabilityResult, path: str | os.PathLike, title: str 
 
 
 def _save_atomic(fig, path: Path) -> Path:
+    """Save a figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=130)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
     finally:
         plt.close(fig)
-    return path

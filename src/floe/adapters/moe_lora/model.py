@@ -4,8 +4,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -16,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from floe.adapters.moe_lora.config import MoELoraConfig
 from floe.adapters.moe_lora.layer import MoELoraLinear
 from floe.arch import decoder_layers
+from floe.io import atomic_dir
 
 ADAPTER_CONFIG_NAME = "floe_adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "floe_adapter.safetensors"
@@ -132,24 +131,6 @@ def router_aux_loss(model: nn.Module) -> torch.Tensor | None:
     return torch.stack(losses).mean() if losses else None
 
 
-def _atomic_dir(target: Path, write: "callable[[Path], None]") -> None:
-    """Write a folder's files into a temp dir beside ``target`` then swap it in."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Save the adapter (JSON config + safetensors weights) atomically into ``directory``."""
@@ -163,7 +144,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         save_file(weights, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
 
-    _atomic_dir(Path(directory), write)
+    atomic_dir(directory, write)
     return Path(directory)
 
 
@@ -292,5 +273,5 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         (tmp / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2) + "\n")
         save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
 
-    _atomic_dir(Path(directory), write)
+    atomic_dir(directory, write)
     return Path(directory)
