@@ -7,7 +7,6 @@ runs under ``accelerate launch`` or ``torchrun``. Checkpoints hold only the adap
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import statistics
@@ -278,11 +277,6 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
         save_adapter(model, adapter_dir)
         result.adapter_dir = str(adapter_dir)
         atomic_write_text(Path(cfg.output_dir) / "train_metrics.json",
-                          json.dumps(result.to_dict(), indent=2, default=_json_default) + "\n")
+                          json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     return result
 
-
-def _json_default(o):
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return str(o)
