@@ -6,6 +6,8 @@ install them: their dependencies are heavy and irrelevant to us.
 """
 from __future__ import annotations
 
+from floe.errors import InputError
+
 import os
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 
-class FetchError(RuntimeError):
+class FetchError(InputError):
     """A pinned artefact could not be downloaded."""
 
 

@@ -16,10 +16,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from floe.errors import InputError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration value is unknown, of the wrong type, or invalid."""
 
 

@@ -12,6 +12,8 @@ folder directly.
 """
 from __future__ import annotations
 
+from floe.errors import InputError
+
 import difflib
 import json
 import logging
@@ -68,7 +70,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 _MARKER = "floe_builtin.json"  # written last inside the converted folder
 
 
-class ModelUnavailableError(RuntimeError):
+class ModelUnavailableError(InputError):
     """The requested model cannot be found or fetched; the message says how to fix it."""
 
 

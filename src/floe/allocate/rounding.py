@@ -20,13 +20,15 @@ With a few hundred matrices the exact arithmetic costs milliseconds.
 """
 from __future__ import annotations
 
+from floe.errors import InputError
+
 import math
 import operator
 from fractions import Fraction
 from typing import Sequence
 
 
-class BudgetError(ValueError):
+class BudgetError(InputError):
     """The rank budget cannot be spread under the given per-matrix bounds."""
 
 

@@ -13,6 +13,8 @@ Every problem is reported with its location (file and line / item / row) and fie
 """
 from __future__ import annotations
 
+from floe.errors import InputError
+
 import json
 import logging
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ logger = logging.getLogger("floe.data")
 ROLES = ("system", "user", "assistant")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A data source is malformed or cannot be used; the message says where and how to fix it."""
 
 

@@ -4,6 +4,8 @@ Pure data and validation: nothing here touches Optuna storage or torch.
 """
 from __future__ import annotations
 
+from floe.errors import InputError
+
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -11,7 +13,7 @@ PRUNERS = ("none", "median", "halving")
 SAMPLERS = ("tpe", "random")
 
 
-class SearchError(ValueError):
+class SearchError(InputError):
     """The search cannot start or go on: bad ranges, unusable storage, mismatched study."""
 
 
