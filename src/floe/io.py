@@ -1,4 +1,9 @@
-"""Atomic writes: a file or folder appears complete or not at all (a killed run leaves no half output)."""
+"""Atomic writes: a file or folder appears complete or not at all (a killed run leaves no half output).
+
+The temp file and folder come from ``tempfile`` (private: 0600 / 0700); before they are moved
+into place they get the permissions a plain ``open()`` / ``mkdir()`` would have given them
+(0666 / 0777 minus the process umask, usually 0644 / 0755), so outputs can be shared.
+"""
 from __future__ import annotations
 
 import os
@@ -6,6 +11,17 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _share(path: str | os.PathLike, folder: bool) -> None:
+    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
 
 
 def atomic_file(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -16,6 +32,7 @@ def atomic_file(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        _share(tmp, folder=False)  # after write: a writer may have replaced the file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -34,6 +51,7 @@ def atomic_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write(tmp)
+        _share(tmp, folder=True)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
