@@ -44,8 +44,9 @@ DEFAULT_CHOICE_PREFIX = "\n  choice: "
 
 
 def fetch_archive() -> Path:
-    """Path of the BIG-bench source archive, downloaded into the cache on first use."""
-    return pip_download(REQUIREMENT)
+    """Path of the BIG-bench source archive, downloaded into the cache on first use (offline:
+    a missing archive is a ``FetchError`` naming ``floe fetch bigbench``)."""
+    return pip_download(REQUIREMENT, fetch_command="floe fetch bigbench")
 
 
 def task_root() -> Path:
