@@ -43,7 +43,7 @@ def main() -> None:
     from floe.data import DataCollator, iter_batches, load_data
     from floe.models import load_model
     from floe.selection import SelectionConfig, select_layers
-    from floe.train import TrainConfig, train
+    from floe.training import TrainConfig, train
 
     out = Path(args.output)
     model, tokenizer = load_model(args.model)

@@ -380,7 +380,7 @@ def test_training_objective_trains_each_trial_with_its_rank_and_experts(tmp_path
 
     from floe.adapters.moe_lora import moe_lora_modules
     from floe.search import make_training_objective
-    from floe.train import TrainConfig
+    from floe.training import TrainConfig
 
     data = tokenized(16, tmp_path)
     built: list = []

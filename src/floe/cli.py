@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from floe.config import ConfigError, describe, from_dict, load_yaml, merge
+from floe.errors import InputError
 
 EPILOG = """Every job reads one YAML file (--config) whose keys mirror the dataclasses of the Python
 API; command-line flags override it, and --set a.b=value overrides any key. `floe train
@@ -14,21 +15,21 @@ API; command-line flags override it, and --set a.b=value overrides any key. `flo
 
 
 def _layers(text: str) -> list[int] | None:
-    """'all' → None; '0,3,5-7' → [0, 3, 5, 6, 7]."""
-    if text.strip().lower() in ("all", "none", ""):
+    """'all' → None; '0,3,5-7' → [0, 3, 5, 6, 7]. Empty text, empty parts and empty ranges are errors."""
+    expected = "'all' or layer indices like '0,3,5-7' (ranges ascending)"
+    if text.strip().lower() == "all":
         return None
     out: list[int] = []
     try:
         for part in text.split(","):
-            part = part.strip()
-            if "-" in part:
-                a, b = part.split("-")
-                out += list(range(int(a), int(b) + 1))
-            elif part:
-                out.append(int(part))
+            a, dash, b = part.strip().partition("-")
+            lo, hi = int(a), int(b) if dash else int(a)
+            if lo < 0 or hi < lo:
+                raise ValueError
+            out += range(lo, hi + 1)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers expects 'all' or indices like '0,3,5-7', got {text!r}") from None
-    return out
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    return sorted(set(out))
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -121,16 +122,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
         job.train.bf16 = True
     if args.__dict__.get("export_peft"):
         job.export_peft = True
+    if args.__dict__.get("overwrite"):
+        job.train.overwrite = True
     run_train(job)
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes on one line (argparse prints the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="floe",
         description="FLoE: Fisher-based layer selection and sparse MoE-LoRA fine-tuning of causal LMs.",
         epilog=EPILOG,
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of input errors too (also FLOE_DEBUG=1; accepted anywhere on the line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("train", help="fine-tune MoE-LoRA adapters on chosen layers",
                        description="Fine-tune a causal LM with MoE-LoRA adapters on a chosen set of decoder layers, "
@@ -138,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_flags(p, TRAIN_FLAGS)
     p.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast")
     p.add_argument("--export-peft", action="store_true", help="also write a PEFT LoRA adapter (needs --experts 1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an earlier run in --output-dir (checkpoints, adapter, metrics) and start afresh")
     p.set_defaults(func=_cmd_train)
     for module, adder in (("floe.selection.cli", "add_select_parser"), ("floe.search.cli", "add_search_parser"),
                           ("floe.allocate.cli", "add_allocate_parser")):
@@ -157,8 +171,22 @@ def _maybe_add(sub, module: str, adder: str) -> None:
     getattr(mod, adder)(sub)
 
 
+def is_input_error(err: BaseException) -> bool:
+    """User mistakes (bad config, data, paths, adapters): one line, exit 2. Anything else is a bug."""
+    return isinstance(err, (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError))
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``floe`` command: the one error path every sub-command shares.
+
+    An input error prints ``floe <command>: error: <what, where, how to fix>`` on one line and
+    exits 2; ``--debug`` (anywhere on the line) or ``FLOE_DEBUG=1`` shows its traceback.
+    Bugs keep their traceback.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("FLOE_DEBUG", "0") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -166,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"floe {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        if debug or not is_input_error(e):
+            raise
+        print(f"floe {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

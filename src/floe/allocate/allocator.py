@@ -11,6 +11,8 @@ an ``Allocation``. ``Allocation.lora_config()`` is a ``peft.LoraConfig`` whose
 """
 from __future__ import annotations
 
+from floe.errors import InputError
+
 import json
 import os
 import re
@@ -264,9 +266,9 @@ def save_allocation(allocation: Allocation, output_dir: str | Path, model: nn.Mo
     """
     out = Path(output_dir)
     if save_adapter and model is None:
-        raise ValueError("save_adapter=True needs the base model to initialise the adapter on")
+        raise InputError("save_adapter=True needs the base model to initialise the adapter on")
     if out.exists() and not out.is_dir():
-        raise ValueError(f"output {out} exists and is not a folder; choose another --output")
+        raise InputError(f"output {out} exists and is not a folder; choose another --output")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     umask = os.umask(0)

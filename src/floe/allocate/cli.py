@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+from floe.errors import InputError
+
 from .allocator import DEFAULT_TARGETS, AllocateConfig, allocate_ranks, save_allocation
 from .fim import REDUCTIONS, SCORE_KINDS
 
@@ -69,43 +71,38 @@ def config_from_args(args: argparse.Namespace) -> AllocateConfig:
 
 
 def run_allocate(args: argparse.Namespace, log=print) -> int:
-    """Load model and calibration data, allocate, write the outputs; 0 on success, 2 on bad input."""
-    try:
-        cfg = config_from_args(args)
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
-        out = Path(args.output)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--output {out} exists and is not a folder")
-    except ValueError as e:
-        print(f"floe allocate: error: {e}", file=sys.stderr)
-        return 2
+    """Load model and calibration data, allocate, write the outputs (input errors: ``InputError``)."""
+    import transformers
+
+    cfg = config_from_args(args)
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output {out} exists and is not a folder; choose another --output")
 
     from floe.data import load_data
     from floe.data.collate import DataCollator, iter_batches
-    from floe.models import ModelUnavailableError, load_model
+    from floe.models import load_model
 
-    try:
-        t0 = time.perf_counter()
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-        log(f"[floe] model {args.model}: loaded in {time.perf_counter() - t0:.1f}s")
-        t0 = time.perf_counter()
-        n_examples = cfg.num_passes * args.batch_size
-        # truncate_prompt: an over-long instruction loses its left end rather than failing the run
-        data = load_data(args.data, tokenizer, split=args.split, max_examples=n_examples,
-                         max_length=args.max_length, seed=args.seed, truncate_prompt=True)
-        if len(data) < n_examples:
-            raise ValueError(f"--data {args.data} ({args.split} split) has {len(data)} examples; "
-                             f"{cfg.num_passes} passes x batch size {args.batch_size} need {n_examples}. "
-                             f"Lower --num-passes or --batch-size, or use more data.")
-        log(f"[floe] calibration data {args.data}: {len(data)} examples ({time.perf_counter() - t0:.1f}s)")
-        batches = iter_batches(data, args.batch_size, DataCollator(tokenizer), shuffle=True, seed=args.seed)
-        allocation = allocate_ranks(model, batches, cfg)
-        allocation.base_model_name_or_path = args.model
-        save_allocation(allocation, out, model=model, save_adapter=args.save_adapter, plot=not args.no_plot)
-    except (ValueError, ModelUnavailableError) as e:
-        print(f"floe allocate: error: {e}", file=sys.stderr)
-        return 2
+    transformers.set_seed(args.seed)  # LoRA-A init and anything else drawn from the global generators
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    log(f"[floe] model {args.model}: loaded in {time.perf_counter() - t0:.1f}s")
+    t0 = time.perf_counter()
+    n_examples = cfg.num_passes * args.batch_size
+    # truncate_prompt: an over-long instruction loses its left end rather than failing the run
+    data = load_data(args.data, tokenizer, split=args.split, max_examples=n_examples,
+                     max_length=args.max_length, seed=args.seed, truncate_prompt=True)
+    if len(data) < n_examples:
+        raise InputError(f"--data {args.data} ({args.split} split) has {len(data)} examples; "
+                         f"{cfg.num_passes} passes x batch size {args.batch_size} need {n_examples}. "
+                         f"Lower --num-passes or --batch-size, or use more data.")
+    log(f"[floe] calibration data {args.data}: {len(data)} examples ({time.perf_counter() - t0:.1f}s)")
+    batches = iter_batches(data, args.batch_size, DataCollator(tokenizer), shuffle=True, seed=args.seed)
+    allocation = allocate_ranks(model, batches, cfg)
+    allocation.base_model_name_or_path = args.model
+    save_allocation(allocation, out, model=model, save_adapter=args.save_adapter, plot=not args.no_plot)
     log(summary(allocation, out))
     return 0
 

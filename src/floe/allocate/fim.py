@@ -24,6 +24,8 @@ the cancellation in ``E[g^2] - E[g]^2``.
 """
 from __future__ import annotations
 
+from floe.errors import InputError
+
 import contextlib
 import math
 from dataclasses import dataclass
@@ -70,7 +72,7 @@ class Welford:
     def per_element(self, kind: str) -> torch.Tensor:
         """``v_e`` (variance) or ``q_e`` (mean square) over the updates seen, as defined above."""
         if self.mean is None or self.m2 is None:
-            raise ValueError("no gradients recorded")
+            raise InputError("no gradients recorded")
         var = self.m2 / self.count
         return var if kind == "variance" else var + self.mean.square()
 
@@ -94,7 +96,7 @@ def attached_lora(model: nn.Module, lora_config: Any, seed: int) -> Iterator[Any
     import peft
 
     if isinstance(model, peft.PeftModel) or hasattr(model, "peft_config"):
-        raise ValueError(
+        raise InputError(
             "the model already carries PEFT adapters; pass the base model (a freshly loaded one, or "
             "peft_model.unload()) to allocate ranks for a new LoRA."
         )
@@ -110,7 +112,7 @@ def attached_lora(model: nn.Module, lora_config: Any, seed: int) -> Iterator[Any
         except ValueError as e:
             if "not found" in str(e) or "match" in str(e).lower():
                 names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-                raise ValueError(
+                raise InputError(
                     f"target modules {target_modules!r} match no linear layer of {type(model).__name__}; its linear "
                     f"layers are named {names}. Pass target modules with some of these (CLI: --target-modules)."
                 ) from e
@@ -139,7 +141,7 @@ def lora_matrices(peft_model: Any) -> list[tuple[AdaptedMatrix, nn.Module]]:
 
 def _model_inputs(batch: dict[str, Any], device: torch.device, where: str) -> dict[str, torch.Tensor]:
     if not isinstance(batch, dict) or "input_ids" not in batch:
-        raise ValueError(f"{where}: expected a dict with input_ids (and attention_mask, labels), got "
+        raise InputError(f"{where}: expected a dict with input_ids (and attention_mask, labels), got "
                          f"{type(batch).__name__}{' with keys ' + str(sorted(batch)) if isinstance(batch, dict) else ''}")
     out = {k: torch.as_tensor(batch[k]).to(device) for k in MODEL_INPUTS if batch.get(k) is not None}
     if "labels" not in out:  # plain language modelling on every non-padding token
@@ -148,7 +150,7 @@ def _model_inputs(batch: dict[str, Any], device: torch.device, where: str) -> di
             labels[out["attention_mask"] == 0] = -100
         out["labels"] = labels
     if not bool((out["labels"][..., 1:] != -100).any()):
-        raise ValueError(f"{where}: every label is -100 (no token to predict), so the loss is undefined; "
+        raise InputError(f"{where}: every label is -100 (no token to predict), so the loss is undefined; "
                          "check the collator's prompt masking or drop such examples.")
     return out
 
@@ -172,16 +174,16 @@ def calibration_scores(peft_model: Any, batches: Iterable[dict[str, Any]], num_p
     gradients; see the module docstring for the score definitions.
     """
     if score not in SCORE_KINDS:
-        raise ValueError(f"score must be one of {SCORE_KINDS}, got {score!r}")
+        raise InputError(f"score must be one of {SCORE_KINDS}, got {score!r}")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        raise InputError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if num_passes < 2 and score == "variance":
-        raise ValueError(f"num_passes must be >= 2 to estimate a variance, got {num_passes}")
+        raise InputError(f"num_passes must be >= 2 to estimate a variance, got {num_passes}")
     if num_passes < 1:
-        raise ValueError(f"num_passes must be >= 1, got {num_passes}")
+        raise InputError(f"num_passes must be >= 1, got {num_passes}")
     mats = lora_matrices(peft_model)
     if not mats:
-        raise ValueError("no LoRA layers found on the model")
+        raise InputError("no LoRA layers found on the model")
     b_weights = []
     for p in peft_model.parameters():
         p.requires_grad_(False)
@@ -199,7 +201,7 @@ def calibration_scores(peft_model: Any, batches: Iterable[dict[str, Any]], num_p
         try:
             batch = next(it)
         except StopIteration:
-            raise ValueError(
+            raise InputError(
                 f"the calibration data gave only {p} batches but num_passes={num_passes}; give more examples "
                 f"(or a smaller batch size) or lower the number of passes."
             ) from None
@@ -208,7 +210,7 @@ def calibration_scores(peft_model: Any, batches: Iterable[dict[str, Any]], num_p
             w.grad = None
         loss = peft_model(**inputs).loss
         if not torch.isfinite(loss):
-            raise ValueError(f"calibration batch {p}: the loss is {loss.item()}; check the data and the model dtype "
+            raise InputError(f"calibration batch {p}: the loss is {loss.item()}; check the data and the model dtype "
                              "(float16 can overflow: try float32 or bfloat16).")
         loss.backward()
         for w, st in zip(b_weights, stats):
@@ -220,5 +222,5 @@ def calibration_scores(peft_model: Any, batches: Iterable[dict[str, Any]], num_p
     scores = [reduce_score(st.per_element(score), reduction) for st in stats]
     bad = [m.name for (m, _), s in zip(mats, scores) if not math.isfinite(s)]
     if bad:
-        raise ValueError(f"non-finite gradient statistics for {bad[:5]}; check the model dtype and data")
+        raise InputError(f"non-finite gradient statistics for {bad[:5]}; check the model dtype and data")
     return CalibrationResult(matrices=[m for m, _ in mats], scores=scores, losses=losses, tokens=tokens)

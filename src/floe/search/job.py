@@ -2,7 +2,8 @@
 
 Loads the model and data once, then runs (one worker of) the rank / expert search with the
 training objective. Everything that can be checked without the model -- ranges, the trial
-schedule, the storage, the study's search space -- is checked before anything is loaded.
+schedule, the storage, an existing study -- is checked before anything is loaded, and the model,
+layers, adapter and data before anything is written.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from floe.adapters.moe_lora import MoELoraConfig
 from floe.config import to_dict
 from floe.jobs import DataSpec, ModelSpec
 from floe.search.config import SearchConfig, SearchError
-from floe.search.report import SearchResult, format_table, format_trial, is_counted, redact_url
-from floe.search.study import DEFAULT_STUDY_NAME, default_storage_url, open_storage, open_study, search_rank
-from floe.train import TrainConfig
+from floe.search.report import SearchResult, format_table, format_trial, redact_url
+from floe.search.study import DEFAULT_STUDY_NAME, default_storage_url, peek_study, search_rank
+from floe.training import TrainConfig
 
 
 @dataclass
@@ -61,26 +62,52 @@ def search_context(job: SearchJob) -> dict[str, Any]:
 
 
 def check_job(job: SearchJob) -> tuple[str, int]:
-    """Validate everything that needs no model; returns the storage URL and the number of
-    trials the study has already finished. Raises SearchError."""
+    """Validate everything that needs no model, creating nothing: returns the storage URL and the
+    number of trials the study has already finished (0: no study yet). Raises SearchError."""
     from floe.search.objective import eval_schedule
 
-    if job.train.max_steps < 1:
+    if job.train.max_steps is None or job.train.max_steps < 1:
         raise SearchError(f"train.max_steps (--steps) must be a positive number of steps per trial, got {job.train.max_steps}")
     eval_schedule(job.train.max_steps, job.eval_points)
     out = Path(job.output_dir)
     if out.exists() and not out.is_dir():
-        raise SearchError(f"output_dir {out} exists and is not a folder")
-    if job.storage is None:
-        out.mkdir(parents=True, exist_ok=True)
+        raise SearchError(f"output_dir {out} exists and is not a folder: choose another --output")
     url = job.storage or default_storage_url(out)
-    study = open_study(open_storage(url, job.search), job.study_name, job.search, search_context(job),
-                       storage_label=redact_url(url))
-    return url, sum(1 for t in study.get_trials(deepcopy=False) if is_counted(t))
+    return url, peek_study(url, job.study_name, job.search, search_context(job))
+
+
+def _check_layers(job: SearchJob, n_layers: int) -> None:
+    layers = job.adapter.layers
+    if layers is None:
+        return
+    bad = [i for i in layers if not 0 <= int(i) < n_layers]
+    if not layers or bad:
+        raise SearchError(f"adapter.layers {list(layers)} {'is empty' if not layers else f'has {bad} out of range'}: "
+                          f"{job.model.name} has {n_layers} decoder layers (0..{n_layers - 1}); fix --layers "
+                          "(e.g. 'all' or '0,3,5-7')")
+
+
+def _check_adapter(model: Any, adapter: MoELoraConfig, search: SearchConfig) -> None:
+    """Attach the largest adapter of the search space to a copy of the model: bad target modules
+    or a rank beyond a target's size fail here, before the study exists, not in trial 0."""
+    import torch
+
+    from floe.adapters.moe_lora import apply_moe_lora
+
+    probe = copy.deepcopy(model)
+    try:
+        with torch.random.fork_rng(devices=[]):  # the probe's random init leaves no trace
+            apply_moe_lora(probe, dataclasses.replace(adapter, r=search.r_max, num_experts=max(search.experts)))
+    finally:
+        del probe
 
 
 def run_search_job(job: SearchJob, log: Callable[[str], None] = print) -> SearchResult:
-    """Check the job, load model and data, run the search, write and print the results."""
+    """Check the job, load model and data, run the search, write and print the results.
+
+    Everything is checked -- settings, an existing study, the model, the layers, the adapter,
+    the data -- before anything is written: a failed start leaves no study, folder or file behind.
+    """
     from floe.arch import decoder_layers
     from floe.jobs import load_splits
     from floe.models import load_model
@@ -92,15 +119,17 @@ def run_search_job(job: SearchJob, log: Callable[[str], None] = print) -> Search
     t0 = time.perf_counter()
     model, tokenizer = load_model(job.model.name, dtype=job.model.dtype)
     log(f"[floe] model {job.model.name}: loaded in {time.perf_counter() - t0:.1f}s")
-    n_layers = len(decoder_layers(model)[1])
-    if job.adapter.layers is not None and max(job.adapter.layers) >= n_layers:
-        raise SearchError(f"adapter.layers {job.adapter.layers} out of range: {job.model.name} has {n_layers} "
-                          f"decoder layers (0..{n_layers - 1})")
+    _check_layers(job, len(decoder_layers(model)[1]))
+    adapter = dataclasses.replace(job.adapter, base_model_name_or_path=job.model.name)
+    _check_adapter(model, adapter, job.search)
     t0 = time.perf_counter()
     train_ds, eval_ds = load_splits(job.data, tokenizer)
     log(f"[floe] data {job.data.source}: {len(train_ds)} train / {len(eval_ds)} validation examples "
         f"({time.perf_counter() - t0:.1f}s)")
-    adapter = dataclasses.replace(job.adapter, base_model_name_or_path=job.model.name)
+    if len(train_ds) == 0 or len(eval_ds) == 0:
+        raise SearchError(f"data {job.data.source} gives {len(train_ds)} training and {len(eval_ds)} validation "
+                          "examples; a search needs both: use more data, or raise data.val_fraction / "
+                          "--max-eval-examples")
     objective = make_training_objective(lambda: copy.deepcopy(model), tokenizer, train_ds, eval_ds, job.train,
                                         layers=job.adapter.layers, adapter=adapter, eval_points=job.eval_points)
     s = job.search
@@ -109,8 +138,11 @@ def run_search_job(job: SearchJob, log: Callable[[str], None] = print) -> Search
     log(f"[floe] search r in {s.ranks()[0]}..{s.ranks()[-1]} step {s.r_step}, M in {s.experts} "
         f"({s.space_size()} configurations), {s.n_trials} trials, {s.sampler} sampler, {s.pruner} pruner, "
         f"{job.train.max_steps} steps per trial; study {job.study_name!r} in {redact_url(url)}")
+    if job.storage is None:
+        Path(job.output_dir).mkdir(parents=True, exist_ok=True)  # the first thing written
     result = search_rank(objective, s, storage=url, study_name=job.study_name, output_dir=job.output_dir,
-                         context=search_context(job), on_trial=lambda t: log("[floe] trial " + format_trial(t).strip()))
+                         context=search_context(job), log=log,
+                         on_trial=lambda t: log("[floe] trial " + format_trial(t).strip()))
     log(format_table(result))
     log(f"[floe] wrote {Path(job.output_dir) / 'search.json'} and {Path(job.output_dir) / 'search.png'}")
     return result

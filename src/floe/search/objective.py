@@ -2,7 +2,7 @@
 
 Each trial builds a fresh base model, attaches MoE-LoRA with the trial's (r, M) on all
 layers (the paper runs the search on the full-layer warm-up model) or on a given layer set,
-trains ``train_config.max_steps`` steps with ``floe.train.train`` and reports the validation
+trains ``train_config.max_steps`` steps with ``floe.training.train`` and reports the validation
 loss at ``eval_points`` evenly spaced steps so a pruner can stop hopeless trials early.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 from floe.adapters.moe_lora import MoELoraConfig, apply_moe_lora
 from floe.search.config import SearchError
 from floe.search.study import ObjectiveFn, Reporter
-from floe.train import TrainConfig, train
+from floe.training import TrainConfig, train
 
 __all__ = ["make_training_objective", "eval_schedule"]
 
@@ -78,14 +78,16 @@ def make_training_objective(
     Args:
         model_factory: returns a fresh base model (no adapter) each call, e.g.
             ``lambda: copy.deepcopy(base)``.
-        tokenizer, train_data, eval_data: as for ``floe.train.train`` (tokenised datasets).
+        tokenizer, train_data, eval_data: as for ``floe.training.train`` (tokenised datasets).
         train_config: optimiser settings; ``max_steps`` (> 0) is the length of a trial. Its
             output folder, evaluation schedule, checkpointing and logging are overridden per trial.
         layers: decoder layers to adapt (None: all, as the paper's warm-up search).
         adapter: alpha, dropout and target modules of the adapter (``r``, ``num_experts`` and
             ``layers`` are set per trial); default ``MoELoraConfig()``.
         eval_points: validation losses per trial (the last one is the trial's value).
-        keep_dir: where per-trial training folders go (default: a temporary folder, deleted).
+        keep_dir: where per-trial training folders go when the search gives none (``search_rank``
+            with an ``output_dir`` runs each trial in ``<output_dir>/trials/trial-<n>`` and removes
+            it); default: a temporary folder, deleted after the trial.
     """
     if train_config.max_steps is None or train_config.max_steps < 1:
         raise SearchError("the search trains each trial for a fixed number of steps: set train_config.max_steps "
@@ -97,7 +99,9 @@ def make_training_objective(
     layer_list = None if layers is None else sorted({int(i) for i in layers})
 
     def objective(r: int, num_experts: int, report: Reporter) -> float:
-        workdir = tempfile.mkdtemp(prefix=f"trial-r{r}-m{num_experts}-", dir=keep_dir)
+        given = getattr(report, "workdir", None)  # owned (made and removed) by the search
+        workdir = str(given) if given is not None else tempfile.mkdtemp(prefix=f"trial-r{r}-m{num_experts}-",
+                                                                          dir=keep_dir)
         cfg = dataclasses.replace(
             train_config, output_dir=workdir, eval_steps=schedule[0], eval_before_training=False, resume=False,
             save_steps=train_config.max_steps + 1, report_to=[], progress_bar=False,
@@ -117,7 +121,7 @@ def make_training_objective(
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            if keep_dir is None:
+            if given is None and keep_dir is None:
                 shutil.rmtree(workdir, ignore_errors=True)
 
     return objective

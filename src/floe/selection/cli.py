@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from floe.cli import COMMON_FLAGS
+from floe.errors import InputError
 
 from floe.jobs import DataSpec, ModelSpec
 from floe.selection.api import Selection, SelectionConfig
@@ -55,8 +56,12 @@ SELECT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--top-k": ("selection.top_k", dict(help="layers to choose: a count (8) or a fraction (0.25)")),
     "--mask-rule": ("selection.mask_rule", dict(help="paper | kwon | fisher_top")),
     "--scorer": ("selection.scorer", dict(help="floe | fisher | taylor | grad_norm | random | fim_variance")),
-    "--refine-iters": ("selection.refine_iters", dict(type=int, help="most refinement swaps")),
-    "--refine-candidates": ("selection.refine_candidates", dict(type=int, help="K candidates per type and step")),
+    "--refine": ("selection.refine", dict(help="paper (Alg. 2, default) | block | none")),
+    "--refine-iters": ("selection.refine_iters", dict(type=int, help="cap on refinement swaps (default: none)")),
+    "--refine-candidates": ("selection.refine_candidates", dict(type=int, help="refine block: K candidates per type and step")),
+    "--taylor": ("selection.taylor", dict(help="weights (Eq. 4, default) | mask")),
+    "--fisher": ("selection.fisher", dict(help="example (Eq. 8, default) | batch")),
+    "--heldout-batches": ("selection.heldout_batches", dict(type=int, help="batches held out for the masked-loss check")),
     "--damping": ("selection.damping", dict(type=float, help="ridge damping of the tuning solve")),
     "--seed": ("selection.seed", dict(type=int, help="seed of the random scorer and stability subsamples")),
     "--output": ("output_dir", dict(help="output folder")),
@@ -74,15 +79,15 @@ def add_select_parser(subparsers) -> argparse.ArgumentParser:
                     "per-layer scores and the top-k layers.", epilog=EPILOG)
     add_job_flags(p, SELECT_FLAGS)
     p.add_argument("--stability", action="store_true", help="also rank on 100/70/30%% subsamples (Fig. 7)")
-    p.add_argument("--no-refine", action="store_true", help="skip the refinement stage (Alg. 2)")
+    p.add_argument("--no-refine", action="store_true", help="skip the refinement stage (same as --refine none)")
     p.add_argument("--no-tune", action="store_true", help="skip the tuning stage (score the binary masks)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_select)
     return p
 
 
-class _UsageError(Exception):
-    pass
+class _UsageError(InputError):
+    """A bad ``floe select`` argument."""
 
 
 def _job(args: argparse.Namespace) -> SelectJob:
@@ -94,7 +99,7 @@ def _job(args: argparse.Namespace) -> SelectJob:
     if getattr(args, "stability", False):
         s.stability = True
     if getattr(args, "no_refine", False):
-        s.refine = False
+        s.refine = "none"
     if getattr(args, "no_tune", False):
         s.tune = False
     s.progress = not getattr(args, "no_progress", False)
@@ -178,20 +183,12 @@ def write_outputs(sel: Selection, out: Path, title: str = "") -> list[Path]:
 
 def run_select(args: argparse.Namespace) -> int:
     """Entry point of ``floe select`` (returns the exit status)."""
-    from floe.config import ConfigError, describe
+    from floe.config import describe
 
     if getattr(args, "print_config", False):
         print("\n".join(describe(SelectJob)))
         return 0
-    try:
-        job = _job(args)
-        return _run(job)
-    except (_UsageError, ConfigError) as e:
-        print(f"floe select: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # SelectionError, AdapterError, DataError: bad input, nothing written
-        print(f"floe select: error: {e}", file=sys.stderr)
-        return 2
+    return _run(_job(args))  # input errors (InputError) are reported by floe.cli.main
 
 
 def _run(job: SelectJob) -> int:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from floe.adapters.moe_lora.config import MoELoraConfig
 from floe.adapters.moe_lora.layer import MoELoraLinear
 from floe.arch import decoder_layers
+from floe.errors import InputError
 from floe.io import atomic_dir
 
 ADAPTER_CONFIG_NAME = "floe_adapter_config.json"
@@ -22,7 +23,7 @@ FORMAT = "floe-moe-lora/1"
 _CONFIG_ATTR = "floe_moe_lora_config"
 
 
-class AdapterError(ValueError):
+class AdapterError(InputError):
     """An adapter does not fit a model, or an adapter folder is invalid."""
 
 
@@ -37,13 +38,24 @@ def _set_child(root: nn.Module, qualified: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def apply_moe_lora(model: nn.Module, config: MoELoraConfig) -> list[str]:
+def apply_moe_lora(model: nn.Module, config: MoELoraConfig, seed: int | None = None) -> list[str]:
     """Wrap ``config.target_modules`` of the chosen decoder layers; freeze everything else.
 
-    Returns the qualified names of the wrapped modules. Raises ``AdapterError`` when a
-    target name matches nothing (listing the linear modules that exist), when a layer index
-    is out of range, or when the model already carries MoE-LoRA.
+    ``seed``: draw the adapter's initial weights (A, router) from this seed, leaving the global
+    random state untouched, so the same seed gives the same initial adapter; None draws from
+    the global generator. Returns the qualified names of the wrapped modules. Raises
+    ``AdapterError`` when a target name matches nothing (listing the linear modules that
+    exist), when a layer index is out of range, when the rank exceeds a target's
+    ``min(d_in, d_out)``, or when the model already carries MoE-LoRA.
     """
+    if seed is None:
+        return _apply(model, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _apply(model, config)
+
+
+def _apply(model: nn.Module, config: MoELoraConfig) -> list[str]:
     if moe_lora_modules(model):
         raise AdapterError("model already has MoE-LoRA layers; load a fresh base model to apply a new adapter")
     prefix, layers = decoder_layers(model)
@@ -58,6 +70,14 @@ def apply_moe_lora(model: nn.Module, config: MoELoraConfig) -> list[str]:
             f"target_modules {missing} match no nn.Linear in {type(layers[0]).__name__}; "
             f"linear modules in each decoder layer: {linear_leaves}"
         )
+    targets = {n: m for n, m in layers[0].named_modules()
+               if n.split(".")[-1] in config.target_modules and isinstance(m, nn.Linear)}
+    max_rank = min(min(m.in_features, m.out_features) for m in targets.values())
+    if config.r > max_rank:
+        small = [f"{n} ({m.in_features}->{m.out_features})" for n, m in targets.items()
+                 if config.r > min(m.in_features, m.out_features)]
+        raise AdapterError(f"rank r={config.r} exceeds min(d_in, d_out) of target module(s) {small}: "
+                           f"use r <= {max_rank} or drop those targets")
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped: list[str] = []
@@ -206,9 +226,20 @@ def _remove_moe_lora(model: nn.Module, requires_grad: dict[str, bool]) -> None:
         p.requires_grad_(requires_grad.get(n, p.requires_grad))
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a missing, truncated or corrupt file is an ``AdapterError`` naming it."""
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise AdapterError(f"{path} not found: the adapter folder is incomplete; copy or re-train it") from None
+    except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) for a cut file
+        raise AdapterError(f"{path} is truncated or corrupt ({' '.join(str(e).split())}); "
+                           "copy it again or re-train the adapter") from None
+
+
 def _load_weights(model: nn.Module, cfg: MoELoraConfig, directory, trainable: bool) -> None:
     own = adapter_state_dict(model)
-    saved = load_file(str(Path(directory) / ADAPTER_WEIGHTS_NAME))
+    saved = read_weights(Path(directory) / ADAPTER_WEIGHTS_NAME)
     missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
     if missing or unexpected:
         raise AdapterError(

@@ -7,18 +7,21 @@ runs under ``accelerate launch`` or ``torchrun``. Checkpoints hold only the adap
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import resource
+import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, fields
+import zipfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from floe.adapters.moe_lora import (
     adapter_state_dict,
@@ -27,8 +30,17 @@ from floe.adapters.moe_lora import (
     router_aux_loss,
     save_adapter,
 )
-from floe.adapters.moe_lora.model import adapter_config
+from floe.adapters.moe_lora.model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, adapter_config
+from floe.errors import InputError
 from floe.io import atomic_write_text
+
+logger = logging.getLogger("floe.training")
+
+METRICS_FILE = "train_metrics.json"
+RECORD_FILE = "floe_record.json"  # written last into each checkpoint: what a resume must not lose
+# Keys that do not change what a run computes: a re-run may differ in them.
+NEUTRAL_KEYS = frozenset({"output_dir", "progress_bar", "report_to", "resume", "overwrite", "save_steps",
+                          "save_total_limit", "logging_steps"})
 
 
 @dataclass
@@ -72,7 +84,9 @@ class TrainConfig:
     save_total_limit: int = 2
     """Keep at most this many checkpoints."""
     resume: bool = True
-    """Resume from the newest checkpoint in output_dir when there is one."""
+    """Resume from the newest complete checkpoint in output_dir, or return a finished run's result."""
+    overwrite: bool = False
+    """Delete an earlier run in output_dir (checkpoints, adapter, metrics) and start afresh."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Logging integrations (tensorboard, wandb, ...; [] for none)."""
     progress_bar: bool = True
@@ -94,10 +108,6 @@ class TrainConfig:
         if bad:
             raise ValueError(f"invalid TrainConfig value(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
 
 @dataclass
 class TrainResult:
@@ -115,9 +125,18 @@ class TrainResult:
     trainable_params: int
     total_params: int
     adapter_dir: str | None
+    run_config: dict[str, Any] = field(default_factory=dict)
+    """The training and adapter settings that determine the result (see ``run_config``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainResult":
+        d = dict(d)
+        for key in ("train_losses", "eval_losses"):
+            d[key] = [tuple(x) for x in d.get(key, [])]
+        return cls(**d)
 
 
 class _StepTimer(TrainerCallback):
@@ -159,6 +178,32 @@ class MoELoraTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_adapter(model or self.model, Path(resume_from_checkpoint) / "adapter", trainable=True)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        # A warm-up ratio that rounds to zero steps means no warm-up. transformers rounds a ratio
+        # up (3% of 10 steps -> 1 step), and the first optimizer step then runs at learning rate 0.
+        if 0 < self.args.warmup_steps < 1:
+            self.args.warmup_steps = round(self.args.warmup_steps * num_training_steps)
+        return super().create_scheduler(num_training_steps, optimizer)
+
+
+class _RunRecord(TrainerCallback):
+    """Writes, last, into every checkpoint what a resume must keep: the untrained validation loss,
+    the time trained so far and the run's settings. A checkpoint without it is incomplete."""
+
+    def __init__(self, run_config: dict[str, Any], initial_eval_loss: float | None, prior_seconds: float) -> None:
+        self.run_config, self.initial_eval_loss, self.prior_seconds = run_config, initial_eval_loss, prior_seconds
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.prior_seconds + time.perf_counter() - self.start
+
+    def on_save(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            record = {"step": state.global_step, "initial_eval_loss": self.initial_eval_loss,
+                      "train_seconds": self.seconds(), "run_config": self.run_config}
+            atomic_write_text(Path(args.output_dir) / f"checkpoint-{state.global_step}" / RECORD_FILE,
+                              json.dumps(record, indent=2) + "\n")
 
 
 def _peak_memory() -> tuple[float, str]:
@@ -208,21 +253,127 @@ def _has_mps() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
+def run_config(cfg: TrainConfig, model) -> dict[str, Any]:
+    """The settings that determine a run's result: the training ones (bar ``NEUTRAL_KEYS``) and the adapter's."""
+    settings = {"train": {k: v for k, v in asdict(cfg).items() if k not in NEUTRAL_KEYS},
+                "adapter": adapter_config(model).to_dict()}
+    return json.loads(json.dumps(settings))  # tuples -> lists, as read back from a file
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def _checkpoint_problem(ckpt: Path) -> str | None:
+    """Why ``ckpt`` cannot be resumed from (a save cut short), or None when it is complete."""
+    from safetensors import safe_open
+
+    if not (ckpt / RECORD_FILE).is_file():
+        return f"no {RECORD_FILE}: its save did not finish"
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return "trainer_state.json is missing or cut short"
+    try:
+        with safe_open(str(ckpt / "adapter" / ADAPTER_WEIGHTS_NAME), framework="pt"):
+            pass
+        json.loads((ckpt / "adapter" / ADAPTER_CONFIG_NAME).read_text())
+    except Exception:  # safetensors raises its own error type for a cut file
+        return "its adapter is missing or cut short"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not zipfile.is_zipfile(ckpt / name):
+            return f"{name} is missing or cut short"
+    return None
+
+
+def complete_checkpoints(output_dir: str | os.PathLike, remove_damaged: bool = False) -> list[Path]:
+    """Checkpoints in ``output_dir`` that a run can resume from, newest first.
+
+    A damaged one (its save was killed: no record file, or a cut-short file) is skipped with a
+    one-line warning naming it, and removed when ``remove_damaged``.
+    """
+    out = Path(output_dir)
+    found = sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)),
+                   key=_checkpoint_step, reverse=True)
+    good = []
+    for ckpt in found:
+        problem = _checkpoint_problem(ckpt)
+        if problem is None:
+            good.append(ckpt)
+            continue
+        logger.warning("skipping damaged checkpoint %s (%s)%s", ckpt, problem,
+                       "; removed it" if remove_damaged else "")
+        if remove_damaged:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return good
+
+
+def clear_run(output_dir: str | os.PathLike) -> None:
+    """Remove what a training run writes into ``output_dir`` (for ``overwrite``)."""
+    out = Path(output_dir)
+    for p in [*out.glob("checkpoint-*"), out / "adapter", out / "peft_adapter", out / "runs"]:
+        shutil.rmtree(p, ignore_errors=True)
+    for name in (METRICS_FILE, "job.yaml"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _earlier_run(out: Path, checkpoints: list[Path]) -> tuple[dict | None, dict | None]:
+    """(settings, finished metrics) of the run already in ``out``, from its metrics or newest checkpoint."""
+    if (out / METRICS_FILE).is_file():
+        metrics = json.loads((out / METRICS_FILE).read_text())
+        return metrics.get("run_config"), metrics
+    if checkpoints:
+        return json.loads((checkpoints[0] / RECORD_FILE).read_text())["run_config"], None
+    return None, None
+
+
+def _refuse_other_run(out: Path, differences: list[str]) -> None:
+    raise InputError(
+        f"{out} holds a run with other settings ({'; '.join(differences[:6])}"
+        f"{'; ...' if len(differences) > 6 else ''}): choose another output_dir (--output-dir), "
+        "or set overwrite: true (--overwrite) to delete that run and start afresh")
+
+
 def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | None = None,
           callbacks: list[TrainerCallback] | None = None) -> TrainResult:
     """Train the MoE-LoRA adapter already applied to ``model`` (see ``apply_moe_lora``).
 
     Saves the final adapter to ``<output_dir>/adapter`` and the metrics to
-    ``<output_dir>/train_metrics.json``; resumes from the newest checkpoint when
-    ``config.resume`` and one exists.
+    ``<output_dir>/train_metrics.json``. When ``output_dir`` holds an earlier run of the same
+    settings and ``config.resume``: a finished run is not trained again (its adapter is loaded
+    into ``model`` and its result returned); an unfinished one resumes from its newest complete
+    checkpoint, keeping the untrained validation loss, the loss history and the time spent.
+    A run with other settings there is refused (``InputError``) unless ``config.overwrite``.
     """
+    from floe.config import config_differences
     from floe.data import DataCollator
 
     cfg = config or TrainConfig()
     if not moe_lora_modules(model):
         raise ValueError("train() needs a model with MoE-LoRA layers: call floe.apply_moe_lora(model, MoELoraConfig(...)) first")
     if len(train_data) == 0:
-        raise ValueError("train() got an empty training set")
+        raise InputError("train() got an empty training set")
+    out = Path(cfg.output_dir)
+    settings = run_config(cfg, model)
+    if cfg.overwrite:
+        clear_run(out)
+    checkpoints = complete_checkpoints(out, remove_damaged=cfg.resume) if out.is_dir() else []
+    earlier, finished = _earlier_run(out, checkpoints)
+    if earlier is not None:
+        differences = config_differences(earlier, settings)
+        if differences:
+            _refuse_other_run(out, differences)
+        if not cfg.resume:
+            raise InputError(f"{out} holds a run of these settings and resume is off: set resume: true to "
+                             "continue it, overwrite: true (--overwrite) to start afresh, or use another output_dir")
+    if finished is not None:
+        logger.warning("%s holds a finished run of these settings: not training again (overwrite: true "
+                       "starts afresh)", out)
+        load_adapter(model, out / "adapter", trainable=True)
+        return TrainResult.from_dict(finished)
+    resume_from = checkpoints[0] if checkpoints else None
+    record = json.loads((resume_from / RECORD_FILE).read_text()) if resume_from else {}
+
     transformers.set_seed(cfg.seed)
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: the checkpointed blocks need a grad input
@@ -237,14 +388,13 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
         processing_class=tokenizer,
         callbacks=[timer, *(callbacks or [])],
     )
-    resume_from = get_last_checkpoint(cfg.output_dir) if (cfg.resume and os.path.isdir(cfg.output_dir)) else None
-
-    initial_eval = None
+    initial_eval = record.get("initial_eval_loss")
     if eval_data is not None and cfg.eval_before_training and resume_from is None:
         initial_eval = float(trainer.evaluate()["eval_loss"])
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_from)
-    train_seconds = time.perf_counter() - start
+    run_record = _RunRecord(settings, initial_eval, record.get("train_seconds", 0.0))
+    trainer.add_callback(run_record)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_seconds = run_record.seconds()  # this part and the parts before a resume
     history = trainer.state.log_history
     final_eval = None
     if eval_data is not None:  # reuse the scheduled evaluation of the last step when there was one
@@ -253,8 +403,8 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
 
     train_losses = [(h["step"], float(h["loss"])) for h in history if "loss" in h]
     eval_losses = [(h["step"], float(h["eval_loss"])) for h in history if "eval_loss" in h]
-    if initial_eval is None:
-        initial_eval = next((v for s, v in eval_losses if s == 0), None)
+    if initial_eval is not None and not any(s == 0 for s, _ in eval_losses):
+        eval_losses.insert(0, (0, initial_eval))
     steady = timer.times[1:] if len(timer.times) > 1 else timer.times
     peak, kind = _peak_memory()
     trainable = sum(p.numel() for p in adapter_state_dict(model).values())
@@ -271,12 +421,11 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
         trainable_params=trainable,
         total_params=sum(p.numel() for p in model.parameters()),
         adapter_dir=None,
+        run_config=settings,
     )
     if trainer.args.should_save:
-        adapter_dir = Path(cfg.output_dir) / "adapter"
+        adapter_dir = out / "adapter"
         save_adapter(model, adapter_dir)
         result.adapter_dir = str(adapter_dir)
-        atomic_write_text(Path(cfg.output_dir) / "train_metrics.json",
-                          json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+        atomic_write_text(out / METRICS_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
     return result
-
