@@ -14,7 +14,7 @@ import torch
 
 from floe.selection.determination import MaskSet, determine
 from floe.selection.lstsq import RidgeSolveError, ridge_solve, solve_towards_one
-from floe.selection.refinement import block_objective, refine
+from floe.selection.refinement import block_objective, refine_block as refine
 from floe.selection.score import fisher_share, layer_scores, rank_layers, top_k
 
 RULES = ("paper", "kwon", "fisher_top")
@@ -452,11 +452,11 @@ def test_layer_scores_equal_naive_loop():
         for layer in range(layers):
             num = den = 0.0
             for u in range(heads):
-                value = 1.0 if th_values is None else float(th_values[layer, u])
+                value = 1.0 if th_values is None else max(float(th_values[layer, u]), 0.0)
                 num += 0.0 if masks.masked_head[layer, u] else t_h * value
                 den += t_h
             for u in range(neurons):
-                value = 1.0 if tn_values is None else float(tn_values[layer, u])
+                value = 1.0 if tn_values is None else max(float(tn_values[layer, u]), 0.0)
                 num += 0.0 if masks.masked_neuron[layer, u] else t_f * value
                 den += t_f
             assert float(got[layer]) == pytest.approx(1 - num / den, rel=1e-5, abs=1e-6)

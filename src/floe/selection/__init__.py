@@ -1,4 +1,4 @@
-"""FLoE layer selection (paper §3.1-3.3, DESIGN.md "Mask variables and scores" to "Layer score").
+"""FLoE layer selection (paper §3.1-3.3; docs/method.md, "Mask variables" to "Layer score").
 
 >>> sel = select_layers(model, "runs/warmup/adapter", batches, SelectionConfig(budget=0.5, top_k=8))
 >>> sel.chosen, sel.to_json("selection.json")
@@ -9,15 +9,15 @@ Modules: :mod:`.masks` (mask hooks), :mod:`.importance` (Fisher / Taylor),
 scorers), :mod:`.stability` (Fig. 7), :mod:`.plots` (Fig. 3/10 heatmap), :mod:`.api`, :mod:`.cli`.
 """
 from floe.selection.api import Selection, SelectionConfig, select_layers
-from floe.selection.determination import MaskSet, determine
-from floe.selection.importance import MaskGradients, SelectionError, mask_gradients
+from floe.selection.determination import MaskSet, determine, repair_budget
+from floe.selection.importance import MaskGradients, SelectionError, mask_gradients, masked_losses, weight_taylor
 from floe.selection.masks import MaskHooks, mask_hooks, unit_geometry
-from floe.selection.refinement import refine
+from floe.selection.refinement import refine_block, refine_paper
 from floe.selection.scorers import SCORERS
 from floe.selection.tuning import TuningResult, tune_masks
 
 __all__ = [
     "MaskGradients", "MaskHooks", "MaskSet", "SCORERS", "Selection", "SelectionConfig", "SelectionError",
-    "TuningResult", "determine", "mask_gradients", "mask_hooks", "refine", "select_layers", "tune_masks",
-    "unit_geometry",
+    "TuningResult", "determine", "mask_gradients", "mask_hooks", "masked_losses", "refine_block", "refine_paper",
+    "repair_budget", "select_layers", "tune_masks", "unit_geometry", "weight_taylor",
 ]

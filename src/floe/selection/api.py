@@ -25,15 +25,17 @@ from floe.adapters import adapters_disabled, load_adapter, moe_lora_modules
 from floe.adapters.moe_lora import ADAPTER_WEIGHTS_NAME, adapter_state_dict
 from floe.io import atomic_file, atomic_write_text
 from floe.selection import score as score_mod
-from floe.selection.determination import RULES, MaskSet, determine
+from floe.selection.determination import RULES, MaskSet, constrained_cost, determine, mean_costs, repair_budget
 from floe.selection.importance import (
     MaskGradients,
     SelectionError,
     dist_info,
     mask_gradients,
+    masked_losses,
+    weight_taylor,
 )
 from floe.selection.masks import unit_geometry
-from floe.selection.refinement import refine
+from floe.selection.refinement import refine_block, refine_paper
 from floe.selection.scorers import (
     SCORERS,
     adapter_gradient_stats,
@@ -45,6 +47,9 @@ from floe.selection.stability import stability_analysis
 from floe.selection.tuning import tune_masks
 
 FORMAT = "floe-selection/1"
+REFINE_METHODS = ("paper", "block", "none")
+TAYLOR_FORMS = ("weights", "mask")
+FISHER_FORMS = ("example", "batch")
 
 
 @dataclass
@@ -59,12 +64,20 @@ class SelectionConfig:
     """Reading of Alg. 1: paper (mask the smallest Fisher), kwon (keep the largest), fisher_top (mask the largest)."""
     scorer: str = "floe"
     """floe (full pipeline) or an ablation scorer: fisher, taylor, grad_norm, random, fim_variance."""
-    refine: bool = True
-    """Run the refinement stage (Alg. 2) after determination."""
-    refine_iters: int = 1000
-    """Most swaps the refinement makes."""
+    refine: str = "paper"
+    """Refinement: paper (Alg. 2: within-layer head-neuron swaps, diagonal Fisher), block (block-correlated J), none."""
+    refine_iters: int | None = None
+    """Cap on refinement swaps (None: until no improving swap is left)."""
     refine_candidates: int = 64
-    """K: weakest members and strongest non-members of each type tried per refinement step."""
+    """refine: block only: K weakest members and strongest non-members of each type tried per step."""
+    taylor: str = "weights"
+    """Taylor cost: weights (Eq. 4, sum of |theta * grad| over each unit's weights) or mask (|dL/dm| per batch)."""
+    fisher: str = "example"
+    """Fisher: example (Eq. 8, squared per-example mask gradients) or batch (squared batch-mean gradients)."""
+    heldout_batches: int = 2
+    """Batches split off the end of the data (at most half) for the held-out masked-loss check only; 0: none."""
+    loss_check: bool = True
+    """Measure each stage's true masked-loss increase by forward passes (selection and held-out batches)."""
     tune: bool = True
     """Run the least-squares tuning stage (continuous masks); False scores the binary masks."""
     damping: float = 1e-3
@@ -96,8 +109,20 @@ class SelectionConfig:
             problems.append(f"mask_rule must be one of {list(RULES)}, got {self.mask_rule!r}")
         if self.scorer not in SCORERS:
             problems.append(f"scorer must be one of {list(SCORERS)}, got {self.scorer!r}")
-        if not isinstance(self.refine_iters, int) or self.refine_iters < 0:
-            problems.append(f"refine_iters must be an int >= 0, got {self.refine_iters!r}")
+        if isinstance(self.refine, bool):  # older configs: refine: true / false
+            self.refine = "paper" if self.refine else "none"
+        if self.refine not in REFINE_METHODS:
+            problems.append(f"refine must be one of {list(REFINE_METHODS)}, got {self.refine!r}")
+        if self.taylor not in TAYLOR_FORMS:
+            problems.append(f"taylor must be one of {list(TAYLOR_FORMS)}, got {self.taylor!r}")
+        if self.fisher not in FISHER_FORMS:
+            problems.append(f"fisher must be one of {list(FISHER_FORMS)}, got {self.fisher!r}")
+        if isinstance(self.heldout_batches, bool) or not isinstance(self.heldout_batches, int) \
+                or self.heldout_batches < 0:
+            problems.append(f"heldout_batches must be an int >= 0, got {self.heldout_batches!r}")
+        if self.refine_iters is not None and (isinstance(self.refine_iters, bool)
+                                              or not isinstance(self.refine_iters, int) or self.refine_iters < 0):
+            problems.append(f"refine_iters must be None (no cap) or an int >= 0, got {self.refine_iters!r}")
         if not isinstance(self.refine_candidates, int) or self.refine_candidates < 1:
             problems.append(f"refine_candidates must be an int >= 1, got {self.refine_candidates!r}")
         if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping >= 0):
@@ -237,13 +262,13 @@ def _resolve_models(model: nn.Module, adapted: nn.Module | str | os.PathLike | N
     return model, adapted, {"source": "module", "sha256": _sha256_tensors(adapter_state_dict(adapted).values())}
 
 
-def _materialise(data: Iterable[dict], num_batches: int | None) -> list[dict]:
-    """The selection batches as a list (several passes are made over them), validated."""
+def _materialise(data: Iterable[dict], num_batches: int | None, held: int = 0) -> list[dict]:
+    """The first ``num_batches + held`` batches (all when ``num_batches`` is None) as a list, validated."""
     if isinstance(data, Mapping):
         raise SelectionError("data must be an iterable of batches (dicts), got a single dict; wrap it in a list")
     batches: list[dict] = []
     for i, batch in enumerate(data):
-        if num_batches is not None and i >= num_batches:
+        if num_batches is not None and i >= num_batches + held:
             break
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
             raise SelectionError(f"batch {i} is not a dict with 'input_ids' (got {type(batch).__name__}); "
@@ -262,10 +287,28 @@ def _materialise(data: Iterable[dict], num_batches: int | None) -> list[dict]:
         batches.append(dict(batch))
     if not batches:
         raise SelectionError("select_layers got no batches; give it at least one batch of selection data")
-    if num_batches is not None and len(batches) < num_batches:
-        raise SelectionError(f"the data gives only {len(batches)} batches but num_batches={num_batches}; "
-                             "lower num_batches or use more data / a smaller batch size")
+    if num_batches is not None and len(batches) < num_batches + held:
+        raise SelectionError(f"the data gives only {len(batches)} batches but num_batches={num_batches}"
+                             + (f" plus heldout_batches={held} held-out batches are needed" if held else "")
+                             + "; lower them or use more data / a smaller batch size")
     return batches
+
+
+def _split_heldout(data: Iterable[dict], heldout: Iterable[dict] | None,
+                   cfg: SelectionConfig) -> tuple[list[dict], list[dict]]:
+    """``(selection batches, held-out batches)``: the given held-out batches, or the last
+    ``cfg.heldout_batches`` of the data — never more than half of them, so small data still
+    leaves the selection most of it (the number used is in ``diagnostics.data``)."""
+    if heldout is not None:
+        held = list(heldout)
+        return _materialise(data, cfg.num_batches), (_materialise(held, None) if held else [])
+    batches = _materialise(data, cfg.num_batches, cfg.heldout_batches)
+    n_held = min(cfg.heldout_batches, len(batches) // 2)
+    if cfg.num_batches is not None:
+        n_held = len(batches) - cfg.num_batches
+    if n_held == 0:
+        return batches, []
+    return batches[:-n_held], batches[-n_held:]
 
 
 def _model_fingerprint(model: nn.Module) -> dict[str, Any]:
@@ -330,57 +373,115 @@ def _type_parts(masks: MaskSet, tuned_head: torch.Tensor | None, tuned_neuron: t
     """Per layer ``1 − mean m̃`` over heads and over neurons (masked units count 0)."""
     parts = []
     for masked, tuned in ((masks.masked_head, tuned_head), (masks.masked_neuron, tuned_neuron)):
-        values = torch.ones(masked.shape, dtype=torch.float64) if tuned is None else tuned.double()
+        values = torch.ones(masked.shape, dtype=torch.float64) if tuned is None else tuned.double().clamp_min(0.0)
         parts.append((1.0 - torch.where(masked, 0.0, values).mean(1)).float())
     return parts[0], parts[1]
 
 
+def _rank_correlation(a: torch.Tensor, b: torch.Tensor | None) -> float | None:
+    """Spearman correlation of two per-layer score vectors (None without a previous stage)."""
+    if b is None or a.numel() < 2 or bool((a == a[0]).all()) or bool((b == b[0]).all()):
+        return None  # undefined for a constant score vector
+    from scipy import stats
+
+    value = float(stats.spearmanr(a.double().numpy(), b.double().numpy())[0])
+    return value if math.isfinite(value) else 1.0
+
+
+@dataclass
+class _Measure:
+    """What the stage reports need for the true masked loss: the adapted model and its data."""
+
+    model: nn.Module
+    batches: list[dict]
+    heldout: list[dict]
+    base_selection: float
+    base_heldout: float | None
+
+
+def _stage_report(masks: MaskSet, scores: torch.Tensor, previous: torch.Tensor | None, cost_head: torch.Tensor,
+                  cost_neuron: torch.Tensor, cfg: SelectionConfig, measure: _Measure | None,
+                  head_values: torch.Tensor | None = None, neuron_values: torch.Tensor | None = None) -> dict[str, Any]:
+    """Ranking after a stage, its correlation with the previous stage's, the budget and the true masked loss."""
+    budget_c = cfg.budget * float(cost_head.double().sum() + cost_neuron.double().sum())
+    cost = constrained_cost(masks.masked_head, masks.masked_neuron, cost_head, cost_neuron, cfg.mask_rule)
+    report: dict[str, Any] = dict(
+        ranking=score_mod.rank_layers(scores), scores=scores.tolist(),
+        rank_correlation=_rank_correlation(scores, previous),
+        constrained="kept" if cfg.mask_rule == "kwon" else "masked", cost=cost, budget=budget_c,
+        fits_budget=bool(cost <= budget_c * (1 + 1e-9)),
+        heads_masked=int(masks.masked_head.sum()), neurons_masked=int(masks.masked_neuron.sum()))
+    if measure is not None:
+        head = masks.head_mask() if head_values is None else head_values
+        neuron = masks.neuron_mask() if neuron_values is None else neuron_values
+        increase = {"selection": float(masked_losses(measure.model, measure.batches, head, neuron).mean())
+                    - measure.base_selection}
+        if measure.heldout:
+            increase["heldout"] = float(masked_losses(measure.model, measure.heldout, head, neuron).mean()) \
+                - measure.base_heldout
+        report["loss_increase"] = increase
+    return report
+
+
 def _floe_pipeline(adapted: nn.Module, batches: list[dict], fisher_grads: MaskGradients,
-                   taylor_grads: MaskGradients, cfg: SelectionConfig) -> _FloeOutcome:
-    """Determination → refinement → tuning → layer scores on the given batches' gradients."""
+                   taylor_grads: MaskGradients, cfg: SelectionConfig, measure: _Measure | None = None) -> _FloeOutcome:
+    """Determination → repair → refinement → tuning → layer scores, each stage reported.
+
+    ``measure``: when given, every stage's true masked-loss increase is measured on its batches.
+    """
     timings: dict[str, float] = {}
     diagnostics: dict[str, Any] = {}
     fh, fn = fisher_grads.fisher()
     ch, cn = taylor_grads.taylor()
+    t_h, t_f = mean_costs(ch, cn)
     t = time.perf_counter()
-    masks = determine(fh, fn, ch, cn, cfg.budget, cfg.mask_rule)
+    masks = determine(fh, fn, ch, cn, cfg.budget, cfg.mask_rule)           # Alg. 1 (mean costs)
+    masks = repair_budget(masks, fh, fn, ch, cn, cfg.budget, cfg.mask_rule)  # fit C with per-unit costs
     timings["search"] = time.perf_counter() - t
-    diagnostics["determination"] = dict(masks.diagnostics)
-    t = time.perf_counter()
-    if cfg.refine:
-        masks, diag = refine(masks, fisher_grads.head, fisher_grads.neuron, ch, cn, cfg.budget, cfg.mask_rule,
-                             k_candidates=cfg.refine_candidates, max_iters=cfg.refine_iters)
-        diagnostics["refinement"] = diag
-    timings["refinement"] = time.perf_counter() - t
-    t_h, t_f = masks.diagnostics.get("t_h"), masks.diagnostics.get("t_f")
-    if t_h is None or t_f is None:
-        t_h, t_f = float(ch.double().mean()), float(cn.double().mean())
     untuned = score_mod.layer_scores(masks, None, None, t_h, t_f)
+    diagnostics["determination"] = {**masks.diagnostics, **_stage_report(masks, untuned, None, ch, cn, cfg, measure)}
+    t = time.perf_counter()
+    if cfg.refine == "paper":
+        masks, diag = refine_paper(masks, fh, fn, ch, cn, cfg.budget, cfg.mask_rule, max_swaps=cfg.refine_iters)
+    elif cfg.refine == "block":
+        masks, diag = refine_block(masks, fisher_grads.head, fisher_grads.neuron, ch, cn, cfg.budget,
+                                   cfg.mask_rule, k_candidates=cfg.refine_candidates, max_iters=cfg.refine_iters)
+    timings["refinement"] = time.perf_counter() - t
+    if cfg.refine != "none":
+        previous, untuned = untuned, score_mod.layer_scores(masks, None, None, t_h, t_f)
+        diagnostics["refinement"] = {**diag, **_stage_report(masks, untuned, previous, ch, cn, cfg, measure)}
     tuned_head = tuned_neuron = None
+    scores = untuned
     t = time.perf_counter()
     if cfg.tune:
         tuning = tune_masks(adapted, batches, masks, damping=cfg.damping, max_abs=cfg.max_abs_mask,
                             progress=_progress(cfg, "tuning"))
         tuned_head, tuned_neuron = tuning.head, tuning.neuron
-        diagnostics["tuning"] = tuning.diagnostics
+        scores = score_mod.layer_scores(masks, tuned_head, tuned_neuron, t_h, t_f)
+        negative = int((tuned_head[~masks.masked_head] < 0).sum() + (tuned_neuron[~masks.masked_neuron] < 0).sum())
+        diagnostics["tuning"] = {
+            "sublayers": tuning.diagnostics, "negative_masks_clamped": negative,
+            **_stage_report(masks, scores, untuned, ch, cn, cfg, measure, tuned_head, tuned_neuron)}
         diagnostics["tuning_fallbacks"] = [f"layer {d['layer']} {d['kind']}: {d['reason']}"
                                            for d in tuning.diagnostics if d["status"] == "fallback_binary"]
     timings["tuning"] = time.perf_counter() - t
-    scores = score_mod.layer_scores(masks, tuned_head, tuned_neuron, t_h, t_f) if cfg.tune else untuned
     head_part, neuron_part = _type_parts(masks, tuned_head, tuned_neuron)
     return _FloeOutcome(masks, tuned_head, tuned_neuron, scores, untuned, head_part, neuron_part,
                         diagnostics, timings)
 
 
 def select_layers(model: nn.Module, adapted: nn.Module | str | os.PathLike | None = None,
-                  data: Iterable[dict] = (), config: SelectionConfig | None = None) -> Selection:
+                  data: Iterable[dict] = (), config: SelectionConfig | None = None,
+                  heldout: Iterable[dict] | None = None) -> Selection:
     """Score every decoder layer and choose the top-k for sparse MoE-LoRA adaptation.
 
     ``model``: the base causal LM. ``adapted``: the warm-up adapter's folder (loaded into
     ``model``, which then plays both roles), a separate adapted model, or ``None`` when
     ``model`` already carries the adapter. ``data``: an iterable of batches (dicts with
     ``input_ids``, ``attention_mask``, ``labels``; prompt tokens labelled -100), read once and
-    kept as a list. Under ``torch.distributed`` every process must call this with the same data;
+    kept as a list; unless ``heldout`` batches are given, the last ``config.heldout_batches`` of
+    them are held out: only the true masked-loss check of each stage sees them (``diagnostics.
+    <stage>.loss_increase.heldout``). Under ``torch.distributed`` every process must call this with the same data;
     each computes its share of the batches and all return the same :class:`Selection`.
 
     Raises :class:`SelectionError` (a ``ValueError``) for a bad configuration, top-k out of
@@ -397,9 +498,9 @@ def select_layers(model: nn.Module, adapted: nn.Module | str | os.PathLike | Non
     if isinstance(cfg.top_k, int) and not 1 <= cfg.top_k <= num_layers:
         raise SelectionError(f"top_k={cfg.top_k} is out of range: the model has {num_layers} layers; "
                              f"choose 1..{num_layers} or a fraction in (0, 1]")
-    batches = _materialise(data, cfg.num_batches)
+    batches, held = _split_heldout(data, heldout, cfg)
     timings: dict[str, float] = {}
-    diagnostics: dict[str, Any] = {"data": {"num_batches": len(batches)}}
+    diagnostics: dict[str, Any] = {"data": {"num_batches": len(batches), "heldout_batches": len(held)}}
     sel = dict(untuned_scores=None, fisher_share=None, head_importance=None, neuron_importance=None,
                heads_masked=None, neurons_masked=None)
     masks_out: dict[str, torch.Tensor] = {}
@@ -409,21 +510,31 @@ def select_layers(model: nn.Module, adapted: nn.Module | str | os.PathLike | Non
     if cfg.scorer in ("floe", "taylor"):
         t = time.perf_counter()
         with adapters_disabled(base):
-            taylor_grads = mask_gradients(base, batches, stage="Taylor cost (base model)",
-                                          progress=_progress(cfg, "Taylor (base)"))
+            if cfg.taylor == "weights":
+                taylor_grads = weight_taylor(base, batches, stage="Taylor cost, Eq. 4 (base model)",
+                                             progress=_progress(cfg, "Taylor (base)"))
+            else:
+                taylor_grads = mask_gradients(base, batches, stage="Taylor cost (base model)",
+                                              progress=_progress(cfg, "Taylor (base)"))
         timings["taylor"] = time.perf_counter() - t
         diagnostics["losses"] = {"base_mean": float(taylor_grads.loss.mean())}
     if cfg.scorer in ("floe", "fisher"):
         t = time.perf_counter()
         fisher_grads = mask_gradients(adapted_model, batches, stage="Fisher (adapted model)",
-                                      progress=_progress(cfg, "Fisher (adapted)"))
+                                      per_example=cfg.fisher == "example", progress=_progress(cfg, "Fisher (adapted)"))
         timings["fisher"] = time.perf_counter() - t
         diagnostics.setdefault("losses", {})["adapted_mean"] = float(fisher_grads.loss.mean())
         sel["fisher_share"] = score_mod.fisher_share(*fisher_grads.fisher()).tolist()
 
     t = time.perf_counter()
     if cfg.scorer == "floe":
-        outcome = _floe_pipeline(adapted_model, batches, fisher_grads, taylor_grads, cfg)
+        measure = None
+        if cfg.loss_check:
+            base_held = float(masked_losses(adapted_model, held).mean()) if held else None
+            measure = _Measure(adapted_model, batches, held, float(fisher_grads.loss.mean()), base_held)
+            if base_held is not None:
+                diagnostics["losses"]["adapted_heldout_mean"] = base_held
+        outcome = _floe_pipeline(adapted_model, batches, fisher_grads, taylor_grads, cfg, measure)
         timings.update(outcome.timings)
         diagnostics.update(outcome.diagnostics)
         scores = outcome.scores

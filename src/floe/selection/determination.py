@@ -210,3 +210,60 @@ def determine(fisher_head: torch.Tensor, fisher_neuron: torch.Tensor, cost_head:
         masked_cost=masks.masked_cost(cost_head, cost_neuron),
     )
     return masks
+
+
+def constrained_cost(masked_head: torch.Tensor, masked_neuron: torch.Tensor, cost_head: torch.Tensor,
+                     cost_neuron: torch.Tensor, rule: str) -> float:
+    """Per-unit cost the budget bounds: of the masked set (``paper``, ``fisher_top``) or of the kept
+    set (``kwon``)."""
+    masked = float(cost_head.double()[masked_head].sum() + cost_neuron.double()[masked_neuron].sum())
+    if rule != "kwon":
+        return masked
+    return float(cost_head.double().sum() + cost_neuron.double().sum()) - masked
+
+
+def repair_budget(masks: MaskSet, fisher_head: torch.Tensor, fisher_neuron: torch.Tensor,
+                  cost_head: torch.Tensor, cost_neuron: torch.Tensor, budget: float,
+                  rule: str = "paper") -> MaskSet:
+    """Make Alg. 1's set fit ``C`` under per-unit costs (Alg. 1 prices units at the mean costs).
+
+    ``paper`` / ``fisher_top`` (the masked set's cost is bounded): unmask units, worst
+    Fisher-per-cost first, until the masked cost is ``<= C`` — for ``paper`` (which minimises the
+    masked Fisher) the worst is the largest ``F_u / c_u``, for ``fisher_top`` (maximises it) the
+    smallest. ``kwon`` (the kept set's cost is bounded): mask kept units, smallest ``F_u / c_u``
+    first (kwon maximises the kept Fisher), until the kept cost is ``<= C``. Zero-cost units are
+    never moved (they free no budget). A set that already fits is returned unchanged. The
+    result's diagnostics are the input's plus ``repair``: ``cost_before``, ``cost_after``,
+    ``budget`` and ``units_moved`` (``heads``/``neurons``).
+    """
+    check_rule(rule)
+    check_scores(fisher_head, fisher_neuron, cost_head, cost_neuron)
+    budget_c = budget_from_fraction(budget, cost_head, cost_neuron)
+    before = constrained_cost(masks.masked_head, masks.masked_neuron, cost_head, cost_neuron, rule)
+    mh, mn = masks.masked_head.clone(), masks.masked_neuron.clone()
+    moved_h = moved_n = 0
+    if before > budget_c:
+        pool = torch.cat([(~mh if rule == "kwon" else mh).reshape(-1), (~mn if rule == "kwon" else mn).reshape(-1)])
+        f = torch.cat([fisher_head.reshape(-1), fisher_neuron.reshape(-1)]).double()
+        c = torch.cat([cost_head.reshape(-1), cost_neuron.reshape(-1)]).double()
+        ratio = f / c.clamp_min(1e-300)
+        badness = ratio if rule == "paper" else -ratio
+        badness = torch.where(pool & (c > 0), badness, -torch.inf)
+        order = torch.sort(badness, descending=True, stable=True).indices
+        order = order[torch.isfinite(badness[order])]
+        freed = torch.cumsum(c[order], 0)
+        need = before - budget_c
+        count = int(torch.searchsorted(freed, torch.tensor([need], dtype=torch.float64)).item()) + 1
+        move = order[: min(count, order.numel())]
+        flat_h, flat_n = mh.reshape(-1), mn.reshape(-1)
+        n_heads = flat_h.numel()
+        move_h, move_n = move[move < n_heads], move[move >= n_heads] - n_heads
+        flat_h[move_h] = rule == "kwon"
+        flat_n[move_n] = rule == "kwon"
+        moved_h, moved_n = int(move_h.numel()), int(move_n.numel())
+    after = constrained_cost(mh, mn, cost_head, cost_neuron, rule)
+    diagnostics = dict(masks.diagnostics)
+    diagnostics["repair"] = dict(cost_before=before, cost_after=after, budget=budget_c,
+                                 units_moved=dict(heads=moved_h, neurons=moved_n))
+    diagnostics["masked_cost"] = float(cost_head.double()[mh].sum() + cost_neuron.double()[mn].sum())
+    return MaskSet(mh, mn, diagnostics)

@@ -87,7 +87,7 @@ class MaskHooks:
     """
 
     def __init__(self, model: nn.Module, head: torch.Tensor | None = None, neuron: torch.Tensor | None = None,
-                 requires_grad: bool = False):
+                 requires_grad: bool = False, per_example: bool = False):
         self.geometry = unit_geometry(model)
         g = self.geometry
         device = next(model.parameters()).device
@@ -95,6 +95,12 @@ class MaskHooks:
         self.neuron = self._init(neuron, (g.num_layers, g.num_neurons), device, requires_grad, "neuron")
         self.enabled = True
         self.layers: set[int] | None = None  # None: every layer
+        # per_example: during backward, ``example_head[l]`` (batch, H) / ``example_neuron[l]`` (batch, F)
+        # receive each example's part of ∂L/∂m (Σ over its tokens of x · ∂L/∂(m ⊙ x)), see
+        # :func:`floe.selection.importance.mask_gradients`
+        self.per_example = per_example
+        self.example_head: dict[int, torch.Tensor] = {}
+        self.example_neuron: dict[int, torch.Tensor] = {}
         self._handles = []
         for layer, (o_proj, down) in enumerate(mask_modules(model)):
             self._handles.append(o_proj.register_forward_pre_hook(self._head_hook(layer)))
@@ -117,14 +123,30 @@ class MaskHooks:
         def hook(module: nn.Module, args: tuple):
             if not self._active(layer):
                 return None
-            return (scale_heads(args[0], self.head[layer], self.geometry.head_dim), *args[1:])
+            out = scale_heads(args[0], self.head[layer], self.geometry.head_dim)
+            if self.per_example and out.requires_grad:
+                out.register_hook(self._example_sums(args[0].detach(), self.example_head, layer, True))
+            return (out, *args[1:])
         return hook
 
     def _neuron_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple):
             if not self._active(layer):
                 return None
-            return (args[0] * self.neuron[layer].to(args[0].dtype), *args[1:])
+            out = args[0] * self.neuron[layer].to(args[0].dtype)
+            if self.per_example and out.requires_grad:
+                out.register_hook(self._example_sums(args[0].detach(), self.example_neuron, layer, False))
+            return (out, *args[1:])
+        return hook
+
+    def _example_sums(self, x: torch.Tensor, sink: dict[int, torch.Tensor], layer: int, heads: bool):
+        """Tensor hook on ``m ⊙ x``: per example, ``Σ_tokens x · grad`` per unit (= ∂L/∂m at m = 1)."""
+        def hook(grad: torch.Tensor) -> None:
+            prod = x.float() * grad.float()  # (batch, seq, units·d)
+            prod = prod.reshape(prod.shape[0], -1, prod.shape[-1]).sum(1)
+            if heads:
+                prod = prod.reshape(prod.shape[0], -1, self.geometry.head_dim).sum(2)
+            sink[layer] = prod.detach()
         return hook
 
     def remove(self) -> None:

@@ -1,4 +1,4 @@
-"""Per-layer importance score, ranking and top-k (DESIGN.md "Layer score and selection").
+"""Per-layer importance score, ranking and top-k (docs/method.md, "Layer score and selection").
 
 ``s_l = 1 - sum_{u in l} w_u m~_u / sum_{u in l} w_u`` with ``w = t_h`` for heads and ``t_f``
 for neurons (the mean Taylor costs Alg. 1 prices units at), ``m~`` the tuned mask value of a
@@ -38,7 +38,7 @@ def layer_scores(masks: MaskSet, tuned_head: torch.Tensor | None,
                                  f"{tuple(masked.shape)} to match the masks")
             if not bool(torch.isfinite(tuned[~masked]).all()):
                 raise ValueError(f"{name} has NaN or inf values on kept units")
-            values = tuned.double()
+            values = tuned.double().clamp_min(0.0)  # a negative mask would claim more than removal
         parts.append(torch.where(masked, 0.0, values).sum(1))
     n_heads, n_neurons = masks.masked_head.shape[1], masks.masked_neuron.shape[1]
     denominator = t_h * n_heads + t_f * n_neurons
