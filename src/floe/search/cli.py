@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from typing import Any
@@ -79,32 +80,45 @@ def install_sigterm_handler() -> None:
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
 
 
+def _quiet_progress_bars() -> None:
+    """No "Loading weights" bars on stderr: the command's own lines say what it loads, and an
+    error stays the only line on stderr."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def run_search(args: argparse.Namespace, log=print) -> int:  # type: ignore[no-untyped-def]
     """``floe search``: 0 when the study is done, 1 when no trial completed, 2 on bad input,
     130 when interrupted (run the same command again to resume)."""
     from floe.cli import job_from_args
-    from floe.config import ConfigError, describe
-    from floe.search.config import SearchError
+    from floe.config import describe
     from floe.search.job import SearchJob, run_search_job
 
     if getattr(args, "print_config", False):
         print("\n".join(describe(SearchJob)))
         return 0
-    errors: tuple[type[BaseException], ...] = (ConfigError, SearchError, FileNotFoundError)
+    from floe.errors import InputError
+
+    errors: tuple[type[BaseException], ...] = (InputError, FileNotFoundError, NotADirectoryError, PermissionError)
     try:
         from floe.adapters.moe_lora import AdapterError
-        from floe.data import DataError
-        from floe.models import ModelUnavailableError
 
-        errors += (DataError, ModelUnavailableError, AdapterError)
+        errors += (AdapterError,)
     except ImportError:  # pragma: no cover -- partial installs
         pass
     install_sigterm_handler()
+    _quiet_progress_bars()
     try:
         job = job_from_args(SearchJob, args, SEARCH_FLAGS)
         result = run_search_job(job, log=log)
     except errors as e:
-        print(f"floe search: error: {e}", file=sys.stderr)
+        if "--debug" in sys.argv or os.environ.get("FLOE_DEBUG", "0") not in ("", "0"):
+            raise  # the traceback, as `floe --debug` promises
+        print(f"floe search: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("floe search: interrupted; finished trials are saved in the study; run the same command again "

@@ -19,6 +19,7 @@ import gc
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 import warnings
@@ -137,10 +138,63 @@ def _normalise(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"max_steps": 2}}`` -> ``{"train.max_steps": 2}``: differences name the leaf key."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _binding_problems(study: optuna.Study, config: SearchConfig, context: dict[str, Any] | None) -> list[str]:
+    """How this search differs from the space / objective stored with the study (empty: it fits)."""
+    problems = []
+    space, stored = _normalise(config.search_space()), study.user_attrs.get(SPACE_ATTR)
+    if stored is not None and stored != space:
+        problems.append(f"it searches {_describe_space(stored)}, but this search asks for {_describe_space(space)}")
+    if context:
+        ctx, stored_ctx = _normalise(context), study.user_attrs.get(CONTEXT_ATTR)
+        if stored_ctx is not None and stored_ctx != ctx:
+            ours, theirs = _flatten(ctx), _flatten(stored_ctx)
+            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            problems.append("it was made for another objective (" + "; ".join(
+                f"{k}: study has {theirs.get(k)!r}, this search {ours.get(k)!r}" for k in diff) + ")")
+    return problems
+
+
+def _holds_results(study: optuna.Study, grace_period: float) -> bool:
+    """True when the study has a finished trial, or one still running somewhere."""
+    return any(is_counted(t) or _is_live(t, grace_period) for t in study.get_trials(deepcopy=False))
+
+
+def _check_fit(study: optuna.Study, where: str, config: SearchConfig, context: dict[str, Any] | None) -> list[str]:
+    """Refuse a study this search may not join; return the differences that may be re-bound
+    (a study without a finished or running trial holds no loss to mix up)."""
+    if len(study.directions) != 1 or study.direction != optuna.study.StudyDirection.MINIMIZE:
+        raise SearchError(f"{where} is not a single-objective minimisation study; use another --study-name")
+    if study.user_attrs.get(SPACE_ATTR) is None and study.get_trials(deepcopy=False):
+        raise SearchError(f"{where} already has trials but was not made by floe search; use another --study-name")
+    problems = _binding_problems(study, config, context)
+    if problems and _holds_results(study, config.grace_period):
+        if len(problems) == 1 and problems[0].startswith("it searches"):
+            fix = "Resume it with the same ranges, or start a new study with another --study-name."
+        else:
+            fix = ("Its losses are not comparable with this search's: use the same settings, or another "
+                   "--study-name.")
+        raise SearchError(f"{where}: " + "; ".join(problems) + f". {fix}")
+    return problems
+
+
 def open_study(storage: optuna.storages.BaseStorage, study_name: str, config: SearchConfig,
-               context: dict[str, Any] | None = None, storage_label: str = "") -> optuna.Study:
+               context: dict[str, Any] | None = None, storage_label: str = "",
+               log: Callable[[str], None] | None = None) -> optuna.Study:
     """Create the study or load it, refusing one whose search space (or, when given, objective
-    ``context``: model, data, steps...) differs from this search's."""
+    ``context``: model, data, steps...) differs from this search's -- unless it has no finished
+    or running trial: then it is re-bound to this search, and ``log`` (default: the
+    ``floe.search`` logger) is told so in one line."""
     try:
         with _quiet_optuna():
             study = optuna.create_study(storage=storage, study_name=study_name, sampler=make_sampler(config),
@@ -149,30 +203,40 @@ def open_study(storage: optuna.storages.BaseStorage, study_name: str, config: Se
         raise SearchError(f"could not create or load study {study_name!r} in {storage_label or 'storage'}: "
                           f"{type(e).__name__}: {e}") from None
     where = f"study {study_name!r}" + (f" in {storage_label}" if storage_label else "")
-    if len(study.directions) != 1 or study.direction != optuna.study.StudyDirection.MINIMIZE:
-        raise SearchError(f"{where} is not a single-objective minimisation study; use another --study-name")
-    space = _normalise(config.search_space())
-    stored = study.user_attrs.get(SPACE_ATTR)
-    if stored is None:
-        if study.get_trials(deepcopy=False):
-            raise SearchError(f"{where} already has trials but was not made by floe search; use another --study-name")
-        study.set_user_attr(SPACE_ATTR, space)
-    elif stored != space:
-        raise SearchError(
-            f"{where} searches {_describe_space(stored)}, but this search asks for {_describe_space(space)}. "
-            "Resume it with the same ranges, or start a new study with another --study-name."
-        )
-    if context:
-        ctx = _normalise(context)
-        stored_ctx = study.user_attrs.get(CONTEXT_ATTR)
-        if stored_ctx is None:
-            study.set_user_attr(CONTEXT_ATTR, ctx)
-        elif stored_ctx != ctx:
-            diff = sorted(k for k in set(ctx) | set(stored_ctx) if ctx.get(k) != stored_ctx.get(k))
-            details = "; ".join(f"{k}: study has {stored_ctx.get(k)!r}, this search {ctx.get(k)!r}" for k in diff)
-            raise SearchError(f"{where} was made for another objective ({details}). Its losses are not comparable "
-                              "with this search's: use the same settings, or another --study-name.")
+    problems = _check_fit(study, where, config, context)
+    if problems:
+        (log or logger.warning)(f"[floe] {where} has no finished trial: re-bound to this search "
+                                f"({'; '.join(problems)})")
+    if study.user_attrs.get(SPACE_ATTR) is None or problems:
+        study.set_user_attr(SPACE_ATTR, _normalise(config.search_space()))
+    if context and (study.user_attrs.get(CONTEXT_ATTR) is None or problems):
+        study.set_user_attr(CONTEXT_ATTR, _normalise(context))
     return study
+
+
+def peek_study(url: str, study_name: str, config: SearchConfig, context: dict[str, Any] | None = None) -> int:
+    """Check, without creating or changing anything, that an existing study may be resumed by this
+    search (see ``open_study``); returns its number of finished trials (0: no such study yet)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and not (parsed.database and Path(parsed.database).is_file()):
+            return 0  # a new file: nothing to check, and opening it would create it
+    except Exception:  # noqa: BLE001 -- open_storage reports a malformed URL
+        pass
+    label = redact_url(url)
+    store = open_storage(url, config)
+    try:
+        with _quiet_optuna():
+            study = optuna.load_study(study_name=study_name, storage=store, sampler=make_sampler(config),
+                                      pruner=make_pruner(config))
+    except KeyError:
+        return 0
+    except Exception as e:  # noqa: BLE001
+        raise SearchError(f"could not load study {study_name!r} in {label}: {type(e).__name__}: {e}") from None
+    _check_fit(study, f"study {study_name!r} in {label}", config, context)
+    return sum(1 for t in study.get_trials(deepcopy=False) if is_counted(t))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +323,50 @@ def _is_live(t: FrozenTrial, grace_period: float, now: datetime | None = None) -
     return ((now or datetime.now()) - t.datetime_start).total_seconds() < grace_period
 
 
+def _heartbeat_ages(study: optuna.Study) -> dict[int, float]:
+    """Seconds since the last heartbeat of each running trial (by number), read from an RDB
+    storage; empty for other storages or when the storage cannot tell."""
+    storage = getattr(study, "_storage", None)
+    rdb = getattr(storage, "_backend", storage)
+    if not isinstance(rdb, optuna.storages.RDBStorage):
+        return {}
+    try:
+        import sqlalchemy
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(rdb.scoped_session) as session:
+            now = session.execute(sqlalchemy.func.now()).scalar().replace(tzinfo=None)
+            rows = (session.query(models.TrialModel.number, models.TrialHeartbeatModel.heartbeat)
+                    .join(models.TrialHeartbeatModel, models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
+                    .filter(models.TrialModel.study_id == study._study_id,
+                            models.TrialModel.state == TrialState.RUNNING).all())
+        return {int(n): max(0.0, (now - hb.replace(tzinfo=None)).total_seconds()) for n, hb in rows}
+    except Exception:  # noqa: BLE001 -- a nicety: the wait message then gives no age
+        return {}
+
+
+def describe_wait(study: optuna.Study, trials: Sequence[FrozenTrial], config: SearchConfig) -> str:
+    """One line: which running trials this worker waits for, and how long at most if their
+    worker is dead (no heartbeat for ``grace_period`` seconds: declared abandoned, retried)."""
+    ages, now, grace = _heartbeat_ages(study), datetime.now(), config.grace_period
+    parts, longest = [], 0.0
+    for t in trials:
+        what = (f"trial {t.number} (r={t.params['r']}, M={t.params['num_experts']})" if has_params(t)
+                else f"trial {t.number} (choosing its parameters)")
+        if t.number in ages:
+            age = ages[t.number]
+            what += f", last heartbeat {age:.0f}s ago"
+        else:
+            age = (now - t.datetime_start).total_seconds() if t.datetime_start else 0.0
+            what += f", started {age:.0f}s ago"
+        longest = max(longest, grace - age)
+        parts.append(what)
+    return (f"[floe] waiting for {'; '.join(parts)}: running in another worker, or left by a killed one, "
+            f"which is declared abandoned after {grace}s without a heartbeat (at most {max(0.0, longest):.0f}s "
+            "more) and its configuration retried")
+
+
 def _fail_stale(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
@@ -296,14 +404,15 @@ def _replay(trial: optuna.Trial, source: FrozenTrial) -> None:
     trial.set_user_attr(CACHED_FROM, source.number)
 
 
-def _wait_for_turn(trial: optuna.Trial, config: SearchConfig) -> FrozenTrial | None:
+def _wait_for_turn(trial: optuna.Trial, config: SearchConfig,
+                   log: Callable[[str], None] | None = None) -> FrozenTrial | None:
     """Block until this trial's configuration is decided; return the finished trial to reuse.
 
     Only lower-numbered trials are waited on (so waits never form a cycle): first those still
     choosing their parameters, then one with the same parameters that is still running.
     """
     study, me = trial.study, trial.number
-    logged = False
+    logged: list[int] = []
     while True:
         trials = study.get_trials(deepcopy=False)
         params = trial.params
@@ -316,16 +425,56 @@ def _wait_for_turn(trial: optuna.Trial, config: SearchConfig) -> FrozenTrial | N
         blocking = [t for t in lower_live if not has_params(t) or t.params == params]
         if not blocking:
             return None
-        if not logged:
-            logger.info("trial %d (r=%s, M=%s) waits for trial(s) %s of another worker", me, params.get("r"),
-                        params.get("num_experts"), [t.number for t in blocking])
-            logged = True
+        if logged != [t.number for t in blocking]:
+            logged = [t.number for t in blocking]
+            (log or logger.info)(describe_wait(study, blocking, config)
+                                 + f" (trial {me}, r={params.get('r')}, M={params.get('num_experts')}, waits)")
         time.sleep(config.poll_interval)
         _fail_stale(study)
 
 
+class TrialReporter:
+    """The ``report`` handed to an objective: ``report(value, step)``; ``report.trial_number``
+    and ``report.workdir`` (the trial's working folder under the search's output folder, or
+    None: the objective picks one) tell the objective where it runs."""
+
+    def __init__(self, trial: optuna.Trial, workdir: Path | None) -> None:
+        self.trial, self.trial_number, self.workdir = trial, trial.number, workdir
+
+    def __call__(self, value: float, step: int) -> None:
+        v = float(value)
+        if not math.isfinite(v):
+            raise TrialFailed(f"validation loss is {v} at step {step}")
+        self.trial.report(v, int(step))
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step} (validation loss {v:.4g})")
+
+
+TRIAL_DIR_PREFIX = "trial-"
+
+
+def _trial_dir(work_dir: Path, number: int) -> Path:
+    return work_dir / f"{TRIAL_DIR_PREFIX}{number}"
+
+
+def remove_abandoned_trial_dirs(trials: Sequence[FrozenTrial], work_dir: Path | None) -> list[Path]:
+    """Remove ``work_dir/trial-<n>`` folders whose trial (in ``trials``, the study's) is no longer
+    running (its worker was killed, or it ended without cleaning up); returns the removed folders."""
+    if work_dir is None or not work_dir.is_dir():
+        return []
+    running = {t.number for t in trials if t.state == TrialState.RUNNING}
+    removed = []
+    for d in work_dir.iterdir():
+        num = d.name[len(TRIAL_DIR_PREFIX):]
+        if d.is_dir() and d.name.startswith(TRIAL_DIR_PREFIX) and num.isdigit() and int(num) not in running:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 def _run_trial(trial: optuna.Trial, objective: ObjectiveFn, config: SearchConfig,
-               catch: tuple[type[BaseException], ...], calls: list[int]) -> float:
+               catch: tuple[type[BaseException], ...], calls: list[int],
+               work_dir: Path | None = None, log: Callable[[str], None] | None = None) -> float:
     study = trial.study
     r, m = _suggest(trial, config)
 
@@ -337,7 +486,7 @@ def _run_trial(trial: optuna.Trial, objective: ObjectiveFn, config: SearchConfig
         trial.set_user_attr(NOT_RUN, f"{ahead} earlier trials already fill the budget of {config.n_trials}")
         raise _NotRun()
 
-    cached = _wait_for_turn(trial, config)
+    cached = _wait_for_turn(trial, config, log)
     if cached is not None:
         _replay(trial, cached)
         if cached.state == TrialState.COMPLETE:
@@ -348,18 +497,19 @@ def _run_trial(trial: optuna.Trial, objective: ObjectiveFn, config: SearchConfig
         trial.set_user_attr(FAILURE, reason)
         raise TrialFailed(reason)
 
-    def report(value: float, step: int) -> None:
-        v = float(value)
-        if not math.isfinite(v):
-            raise TrialFailed(f"validation loss is {v} at step {step}")
-        trial.report(v, int(step))
-        if trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {step} (validation loss {v:.4g})")
-
+    workdir = None if work_dir is None else _trial_dir(work_dir, trial.number)
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+    report = TrialReporter(trial, workdir)
     calls.append(trial.number)
     failure: str | None = None
     try:
-        value = objective(r, m, report)
+        try:
+            value = objective(r, m, report)
+        finally:
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
     except optuna.TrialPruned:
         raise
     except TrialFailed as e:
@@ -405,33 +555,47 @@ def _quiet_optuna() -> Iterator[None]:
 
 def run_worker(study: optuna.Study, objective: ObjectiveFn, config: SearchConfig,
                catch: Sequence[type[BaseException]] = (),
-               on_trial: Callable[[TrialRecord], None] | None = None) -> list[int]:
+               on_trial: Callable[[TrialRecord], None] | None = None,
+               work_dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> list[int]:
     """Run trials until the study has ``config.n_trials`` finished ones (counting every
-    worker's); returns the numbers of the trials whose objective this worker called."""
+    worker's); returns the numbers of the trials whose objective this worker called.
+
+    ``work_dir``: each trial runs in ``work_dir/trial-<number>`` (``report.workdir``), removed
+    when the trial ends; folders of abandoned trials (killed workers) are removed too.
+    ``log``: one line whenever this worker starts waiting on other (or dead) workers' trials.
+    """
     calls: list[int] = []
     asked: list[int] = []
     catch_t = tuple(catch)
-    logged_wait = False
+    waited: list[int] = []
+    work = Path(work_dir) if work_dir is not None else None
+    say = log or logger.info
 
     def body(trial: optuna.Trial) -> float:
         asked.append(trial.number)
-        return _run_trial(trial, objective, config, catch_t, calls)
+        return _run_trial(trial, objective, config, catch_t, calls, work, log)
 
     with _quiet_optuna():
         while True:
             _fail_stale(study)
             trials = study.get_trials(deepcopy=False)
+            abandoned = [t.number for t in trials if t.number in waited and t.state == TrialState.FAIL
+                         and not is_counted(t)]
+            if abandoned:
+                say(f"[floe] trial(s) {abandoned} declared abandoned (no heartbeat for {config.grace_period}s); "
+                    "their configurations are retried")
+            remove_abandoned_trial_dirs(trials, work)
             finished = sum(1 for t in trials if is_counted(t))
             if finished >= config.n_trials:
                 break
-            live = sum(1 for t in trials if _is_live(t, config.grace_period))
-            if finished + live >= config.n_trials:  # the rest is running elsewhere: wait for it
-                if not logged_wait:
-                    logger.info("%d trials finished, %d running in other workers: waiting", finished, live)
-                    logged_wait = True
+            live = [t for t in trials if _is_live(t, config.grace_period)]
+            if finished + len(live) >= config.n_trials:  # the rest is running elsewhere: wait for it
+                if waited != [t.number for t in live]:
+                    waited = [t.number for t in live]
+                    say(describe_wait(study, live, config) + f" ({finished} of {config.n_trials} trials finished)")
                 time.sleep(config.poll_interval)
                 continue
-            logged_wait = False
+            waited = []
             study.optimize(body, n_trials=1, catch=(TrialFailed, _NotRun))
             if on_trial is not None and asked:
                 t = next((t for t in study.get_trials(deepcopy=False) if t.number == asked[-1]), None)
@@ -444,7 +608,8 @@ def search_rank(objective: ObjectiveFn, config: SearchConfig | None = None, *,
                 storage: str | None = None, study_name: str | None = None,
                 output_dir: str | Path | None = None, context: dict[str, Any] | None = None,
                 catch: Sequence[type[BaseException]] = (),
-                on_trial: Callable[[TrialRecord], None] | None = None) -> SearchResult:
+                on_trial: Callable[[TrialRecord], None] | None = None,
+                log: Callable[[str], None] | None = None) -> SearchResult:
     """Search r and M minimising ``objective(r, num_experts, report)`` (paper §3.4).
 
     Args:
@@ -461,6 +626,11 @@ def search_rank(objective: ObjectiveFn, config: SearchConfig | None = None, *,
         catch: further exception types that fail one trial instead of stopping the search
             (NaN values, out-of-memory errors and ``TrialFailed`` always do).
         on_trial: called with each trial this worker finishes.
+        log: receives one-line notices (a study re-bound to this search; waiting on trials of
+            other or killed workers, and for how long). Default: the ``floe.search`` logger.
+
+    With ``output_dir``, each trial runs in ``<output_dir>/trials/trial-<number>`` (given to the
+    objective as ``report.workdir``), removed when the trial ends or is found abandoned.
 
     Returns the ``SearchResult`` of the whole study. Raises ``SearchError`` before running any
     trial when the configuration, the storage or the study does not fit.
@@ -473,7 +643,8 @@ def search_rank(objective: ObjectiveFn, config: SearchConfig | None = None, *,
     study_name = study_name or DEFAULT_STUDY_NAME
     label = redact_url(storage) if storage else "memory"
     store = open_storage(storage, config)
-    study = open_study(store, study_name, config, context, storage_label=label)
+    study = open_study(store, study_name, config, context, storage_label=label, log=log)
+    work = out / "trials" if out is not None else None
 
     def after(record: TrialRecord) -> None:
         if out is not None:
@@ -481,7 +652,10 @@ def search_rank(objective: ObjectiveFn, config: SearchConfig | None = None, *,
         if on_trial is not None:
             on_trial(record)
 
-    calls = run_worker(study, objective, config, catch, after)
+    calls = run_worker(study, objective, config, catch, after, work_dir=work, log=log)
+    if work is not None:
+        with contextlib.suppress(OSError):
+            work.rmdir()  # empty unless another worker is still running a trial
     result = collect_result(study, config, label)
     result.worker_calls = calls
     if out is not None:
