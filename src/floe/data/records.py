@@ -182,6 +182,17 @@ def _chat_messages(messages: Any, where: str) -> list[dict[str, str]]:
     return out
 
 
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Log a data warning once per process: loading the train and validation splits reads the same
+    source twice, and the same skipped rows must not be reported twice."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning("%s", message)
+
+
 class ErrorPolicy:
     """Applies ``on_error``: raise at once, or count, log and skip bad examples."""
 
@@ -199,7 +210,7 @@ class ErrorPolicy:
     def report(self, what: str) -> None:
         if self.skipped:
             first = "\n  ".join(self.skipped[:3])
-            logger.warning("skipped %d %s (on_error='skip'); first: \n  %s", len(self.skipped), what, first)
+            warn_once(f"skipped {len(self.skipped)} {what} (on_error='skip'); first: \n  {first}")
             self.skipped = []
 
 
@@ -217,7 +228,7 @@ def materialize(items: list[Any], policy: ErrorPolicy) -> list[Record]:
         except DataError as err:
             policy.handle(err)
     if unusable:
-        logger.warning("skipped %d unusable examples (first: %s)", len(unusable), unusable[0])
+        warn_once(f"skipped {len(unusable)} unusable examples (first: {unusable[0]})")
     return records
 
 

@@ -44,6 +44,18 @@ class SelectJob:
     """Where selection.json, masks.safetensors and the figures are written."""
 
 
+def _top_k(text: str) -> int | float:
+    """'8' → 8 layers; '0.25' → a quarter of the layers."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"takes a layer count (e.g. 8) or a fraction of the layers (e.g. 0.25), got {text!r}") from None
+
+
 # flag → (dotted config key, argparse kwargs)
 SELECT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     **COMMON_FLAGS,
@@ -53,7 +65,7 @@ SELECT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--batch-size": ("batch_size", dict(type=int, help="examples per selection batch")),
     "--num-batches": ("selection.num_batches", dict(type=int, help="use the first N batches (default: all)")),
     "--budget": ("selection.budget", dict(help="Taylor budget gamma in (0, 1)")),
-    "--top-k": ("selection.top_k", dict(help="layers to choose: a count (8) or a fraction (0.25)")),
+    "--top-k": ("selection.top_k", dict(type=_top_k, help="layers to choose: a count (8) or a fraction (0.25)")),
     "--mask-rule": ("selection.mask_rule", dict(help="paper | kwon | fisher_top")),
     "--scorer": ("selection.scorer", dict(help="floe | fisher | taylor | grad_norm | random | fim_variance")),
     "--refine": ("selection.refine", dict(help="paper (Alg. 2, default) | block | none")),
