@@ -70,3 +70,20 @@ def test_a_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_dir(tmp_path / "d", boom)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_files_a_writer_makes_private_inside_an_atomic_folder_are_shared_too(tmp_path, umask):
+    import torch
+    from safetensors.torch import save_file
+
+    umask(0o022)
+
+    def write(folder: Path) -> None:
+        save_file({"w": torch.zeros(2)}, str(folder / "adapter.safetensors"))  # safetensors writes 0600
+        script = folder / "run.sh"
+        script.write_text("#!/bin/sh\n")
+        script.chmod(0o700)
+
+    out = atomic_dir(tmp_path / "adapter", write)
+    assert _mode(out / "adapter.safetensors") == 0o644
+    assert _mode(out / "run.sh") == 0o755  # execute bits kept, opened to the group and others

