@@ -135,3 +135,21 @@ def test_a_study_with_a_finished_or_running_trial_is_not_rebound(tmp_path):
     running.suggest_int("r", 2, 32, step=2)
     with pytest.raises(SearchError, match="another objective"):
         search_rank(counting_objective([]), cfg, output_dir=other, context={"data": "b"})
+
+
+def test_a_killed_first_start_whose_trial_lost_its_heartbeat_is_rebound(tmp_path):
+    """The first start was killed inside trial 0 (no trial finished): once that trial's heartbeat
+    is older than the grace period, a corrected search re-binds the study instead of refusing it."""
+    import time
+
+    cfg = SearchConfig(n_trials=2, **FAST)
+    study = _bind(tmp_path, {"lr": 1.0}, cfg)
+    dead = study.ask()
+    dead.suggest_int("r", 2, 32, step=2)
+    study._storage.record_heartbeat(dead._trial_id)  # what the killed worker's heartbeat thread left
+    with pytest.raises(SearchError, match="another objective"):  # within the grace period: maybe alive
+        search_rank(counting_objective([]), cfg, output_dir=tmp_path, context={"lr": 0.1})
+    time.sleep(FAST["grace_period"] + 1.5)
+    lines: list[str] = []
+    res = search_rank(counting_objective([]), cfg, output_dir=tmp_path, context={"lr": 0.1}, log=lines.append)
+    assert len(res.finished) == 2 and any("re-bound" in ln and "lr: study has 1.0" in ln for ln in lines), lines

@@ -82,9 +82,9 @@ def _check_layers(job: SearchJob, n_layers: int) -> None:
         return
     bad = [i for i in layers if not 0 <= int(i) < n_layers]
     if not layers or bad:
-        raise SearchError(f"adapter.layers {list(layers)} {'is empty' if not layers else f'has {bad} out of range'}: "
-                          f"{job.model.name} has {n_layers} decoder layers (0..{n_layers - 1}); fix --layers "
-                          "(e.g. 'all' or '0,3,5-7')")
+        what = "no layer" if not layers else f"layer(s) {bad} out of range"
+        raise SearchError(f"adapter.layers (--layers) names {what}: {job.model.name} has {n_layers} decoder "
+                          f"layers (0..{n_layers - 1}). Fix: give 'all' or indices like '0,3,5-7' within that range")
 
 
 def _check_adapter(model: Any, adapter: MoELoraConfig, search: SearchConfig) -> None:

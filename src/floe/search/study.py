@@ -166,8 +166,11 @@ def _binding_problems(study: optuna.Study, config: SearchConfig, context: dict[s
 
 
 def _holds_results(study: optuna.Study, grace_period: float) -> bool:
-    """True when the study has a finished trial, or one still running somewhere."""
-    return any(is_counted(t) or _is_live(t, grace_period) for t in study.get_trials(deepcopy=False))
+    """True when the study has a finished trial, or one still running somewhere (a running trial
+    whose heartbeat is older than the grace period belongs to a killed worker: not counted)."""
+    ages = _heartbeat_ages(study)
+    return any(is_counted(t) or (_is_live(t, grace_period) and ages.get(t.number, 0.0) <= grace_period)
+               for t in study.get_trials(deepcopy=False))
 
 
 def _check_fit(study: optuna.Study, where: str, config: SearchConfig, context: dict[str, Any] | None) -> list[str]:
