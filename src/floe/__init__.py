@@ -21,7 +21,8 @@ _EXPORTS = {
     "apply_moe_lora": "floe.adapters.moe_lora",
     "save_adapter": "floe.adapters.moe_lora",
     "load_adapter": "floe.adapters.moe_lora",
-    "export_peft": "floe.adapters.moe_lora",
+    "AdapterSettings": "floe.adapters.moe_lora",
+    "peft_model": "floe.adapters.moe_lora",
     "adapters_disabled": "floe.adapters.moe_lora",
     "train": "floe.training",
     "TrainConfig": "floe.training",
@@ -34,11 +35,19 @@ _EXPORTS = {
     "search_rank": "floe.search",
     "SearchConfig": "floe.search",
     "make_training_objective": "floe.search",
+    "run": "floe.pipeline",
+    "RunConfig": "floe.pipeline",
     "allocate_ranks": "floe.allocate",
     "AllocateConfig": "floe.allocate",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
+
+# PEFT learns the MoE-LoRA adapter type (peft_type FLOE_MOE_LORA) once it is imported, so that
+# peft.PeftModel.from_pretrained loads FLoE adapters after `import floe` (docs/method.md).
+from floe.adapters.moe_lora.peft_hook import install as _install_peft_hook  # noqa: E402
+
+_install_peft_hook()
 
 
 def __getattr__(name: str) -> Any:

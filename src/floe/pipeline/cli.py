@@ -1,0 +1,65 @@
+"""``floe run`` and ``floe report`` on the command line (thin layers over :mod:`floe.pipeline`)."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from floe.cli import COMMON_FLAGS
+
+RUN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    **COMMON_FLAGS,
+    "--method": ("method", {"help": "moe_lora | floe | random | first | last | spread | lisa"}),
+    "--k": ("k", {"type": int, "help": "layers adapted (or trainable at a time, lisa)"}),
+    "--seed": ("seed", {"type": int, "help": "seed of adapter init, data order, dropout and layer draws"}),
+    "--r": ("adapter.r", {"type": int, "help": "LoRA rank"}),
+    "--experts": ("adapter.num_experts", {"type": int, "help": "number of expert B matrices"}),
+    "--steps": ("train.max_steps", {"type": int, "help": "optimizer steps of the final training"}),
+    "--warmup-steps": ("warmup.max_steps", {"type": int, "help": "optimizer steps of the warm-up (floe)"}),
+    "--max-train-examples": ("data.max_train_examples", {"type": int, "help": "cap on training examples"}),
+    "--eval-examples": ("eval.max_examples", {"type": int, "help": "test examples evaluated"}),
+    "--compare": ("compare", {"help": "methods run beside --method, comma-separated ('' for none)"}),
+    "--output-dir": ("output_dir", {"help": "where run.json, the stages and the report go"}),
+}
+
+
+def add_run_parser(sub) -> argparse.ArgumentParser:
+    from floe.cli import add_job_flags
+    from floe.pipeline.config import METHODS
+
+    methods = "\n".join(f"  {name:<9} {what}" for name, (_, what) in METHODS.items())
+    p = sub.add_parser("run", help="warm-up, selection, training and evaluation of a method and its baselines",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run one method (and the methods in `compare`) from data to scores; finished "
+                                   "stages are cached by the fingerprint of their inputs.\n\nmethods:\n" + methods)
+    p.add_argument("config_file", nargs="?", help="YAML config (the same as --config)")
+    add_job_flags(p, RUN_FLAGS)
+    p.set_defaults(func=_cmd_run)
+    r = sub.add_parser("report", help="compare run folders in one Markdown and one HTML file",
+                       description="Read run.json of each RUN_DIR and write report.md and report.html "
+                                   "(figures embedded) comparing the methods side by side.")
+    r.add_argument("run_dirs", nargs="+", help="folders written by floe run")
+    r.add_argument("--output", "-o", default="report", help="folder for report.md, report.html and figures")
+    r.set_defaults(func=_cmd_report)
+    return p
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from floe.cli import job_from_args
+    from floe.config import describe
+    from floe.pipeline import RunConfig, run
+
+    if args.print_config:
+        print("\n".join(describe(RunConfig)))
+        return 0
+    if args.config_file and not args.config:
+        args.config = args.config_file
+    run(job_from_args(RunConfig, args, RUN_FLAGS))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from floe.pipeline.report import write_report
+
+    for path in write_report(args.run_dirs, args.output):
+        print(f"[floe] wrote {path}")
+    return 0

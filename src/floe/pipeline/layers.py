@@ -1,0 +1,48 @@
+"""Which decoder layers a baseline adapts: position baselines, a seeded random draw, LISA's draws.
+
+Pure functions of (number of layers, k, seed), so a run's layer set is known before any model
+is loaded and is the same on every machine.
+"""
+from __future__ import annotations
+
+import random
+
+from floe.errors import InputError
+
+
+def check_k(k: int, num_layers: int) -> None:
+    if not 1 <= k <= num_layers:
+        raise InputError(f"k={k} is out of range: the model has {num_layers} decoder layers; choose 1..{num_layers}")
+
+
+def first_layers(num_layers: int, k: int) -> list[int]:
+    """The k bottom layers."""
+    check_k(k, num_layers)
+    return list(range(k))
+
+
+def last_layers(num_layers: int, k: int) -> list[int]:
+    """The k top layers."""
+    check_k(k, num_layers)
+    return list(range(num_layers - k, num_layers))
+
+
+def spread_layers(num_layers: int, k: int) -> list[int]:
+    """k layers evenly spaced from the first to the last (k = 1: the middle one)."""
+    check_k(k, num_layers)
+    if k == 1:
+        return [num_layers // 2]
+    return [round(i * (num_layers - 1) / (k - 1)) for i in range(k)]
+
+
+def random_layers(num_layers: int, k: int, seed: int) -> list[int]:
+    """k distinct layers drawn uniformly by ``seed`` (sorted)."""
+    check_k(k, num_layers)
+    return sorted(random.Random(f"random-layers/{seed}").sample(range(num_layers), k))
+
+
+def lisa_draw(num_layers: int, k: int, seed: int, draw: int) -> list[int]:
+    """LISA's ``draw``-th set of k active layers (a function of seed and draw index, so a resumed
+    run draws what an uninterrupted one would)."""
+    check_k(k, num_layers)
+    return sorted(random.Random(f"lisa/{seed}/{draw}").sample(range(num_layers), k))

@@ -1,0 +1,243 @@
+"""``floe run`` / :func:`floe.run`: warm-up → layer selection → training → evaluation → run.json.
+
+Each stage is cached by the fingerprint of its inputs (:mod:`floe.pipeline.stages`): the same
+config skips finished stages, a killed training resumes from its checkpoint, and a changed field
+re-runs exactly the stages downstream of it. Methods in ``compare`` run beside ``method`` on the
+same data, split, seed and steps, so the run ends with a like-for-like comparison.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from pathlib import Path
+from typing import Any, Callable
+
+from floe.adapters.moe_lora import apply_moe_lora, load_adapter
+from floe.arch import decoder_layers
+from floe.config import to_dict
+from floe.io import atomic_write_text
+from floe.pipeline import layers as L
+from floe.pipeline.config import METHODS, RunConfig
+from floe.pipeline.stages import Stage, run_stage
+from floe.training import NEUTRAL_KEYS
+
+Log = Callable[[str], None]
+
+
+class _Run:
+    """What every stage of one run shares: the config, the tokenizer, the splits, the stage root."""
+
+    def __init__(self, cfg: RunConfig, log: Log) -> None:
+        from floe.jobs import load_splits
+        from floe.models import load_model
+
+        self.cfg, self.log = cfg, log
+        model, self.tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype)  # input errors surface here
+        self.num_layers = len(decoder_layers(model)[1])
+        for method in self.methods:
+            if METHODS[method][0]:
+                L.check_k(cfg.k, self.num_layers)
+        self.train_ds, self.val_ds = load_splits(cfg.data, self.tokenizer)
+        self.root = Path(cfg.stage_root or Path(cfg.output_dir) / "stages")
+        self.trained: dict[str, Any] = {}  # method → model trained in this process
+        self.stages: dict[str, dict[str, Any]] = {}  # "method/stage" → what run.json records
+        self.common = {"model": to_dict(cfg.model), "data": to_dict(cfg.data), "seed": cfg.seed,
+                       "adapter": {k: v for k, v in to_dict(cfg.adapter).items() if k not in ("layers", "base_model_name_or_path")},
+                       "train": {k: v for k, v in to_dict(cfg.train).items() if k not in NEUTRAL_KEYS | {"seed"}}}
+
+    @property
+    def methods(self) -> list[str]:
+        return list(dict.fromkeys([self.cfg.method, *self.cfg.compare]))
+
+    def base_model(self):
+        from floe.models import load_model
+
+        return load_model(self.cfg.model.name, dtype=self.cfg.model.dtype)[0]
+
+    def attach(self, model, layers: list[int] | None) -> None:
+        adapter = dataclasses.replace(self.cfg.adapter, layers=layers, base_model_name_or_path=self.cfg.model.name)
+        apply_moe_lora(model, adapter, seed=self.cfg.seed)
+
+    def train_config(self, folder: Path, **overrides):
+        return dataclasses.replace(self.cfg.train, output_dir=str(folder), seed=self.cfg.seed, overwrite=False,
+                                   resume=True, **overrides)
+
+    # ------------------------------------------------------------------ stages
+
+    def warmup(self) -> Stage:
+        from floe.jobs import load_splits
+        from floe.training import train
+
+        stage = Stage("warmup", {**self.common, "warmup": to_dict(self.cfg.warmup)}, self.root)
+
+        def work(folder: Path) -> dict[str, Any]:
+            data = dataclasses.replace(self.cfg.data, fraction=self.cfg.warmup.fraction)
+            train_ds, val_ds = load_splits(data, self.tokenizer)
+            model = self.base_model()
+            self.attach(model, None)
+            res = train(model, self.tokenizer, train_ds, val_ds,
+                        self.train_config(folder, max_steps=self.cfg.warmup.max_steps, num_epochs=1.0))
+            return {"examples": len(train_ds), "final_eval_loss": res.final_eval_loss, "steps": res.steps,
+                    "train_seconds": res.train_seconds}
+
+        self.record("warmup", *run_stage(stage, work, self.log))
+        return stage
+
+    def select(self, warm: Stage) -> list[int]:
+        from floe.data import DataCollator, iter_batches, load_data
+        from floe.selection import select_layers
+        from floe.selection.cli import write_outputs
+
+        spec = self.cfg.select
+        stage = Stage("select", {"warmup": warm.fingerprint, "select": to_dict(spec), "k": self.cfg.k}, self.root)
+
+        def work(folder: Path) -> dict[str, Any]:
+            d = self.cfg.data
+            ds = load_data(d.source, self.tokenizer, split="train", max_length=d.max_length,
+                           fraction=self.cfg.warmup.fraction, seed=d.seed, max_examples=spec.max_examples,
+                           max_per_task=d.max_per_task, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+                           on_error=d.on_error, truncate_prompt=d.truncate_prompt)
+            batches = list(iter_batches(ds, spec.batch_size, DataCollator(self.tokenizer)))
+            sel = select_layers(self.base_model(), warm.dir / "adapter", batches,
+                                dataclasses.replace(spec.config, top_k=self.cfg.k))
+            write_outputs(sel, folder, title=f"{self.cfg.model.name} · {d.source}")
+            return {"chosen": sel.chosen, "ranking": sel.ranking, "scores": sel.scores, "timings": sel.timings}
+
+        record, cached = run_stage(stage, work, self.log)
+        self.record("select", record, cached)
+        return list(record["result"]["chosen"])
+
+    def layers(self, method: str) -> list[int] | None:
+        """The layers ``method`` puts MoE-LoRA on (None: all)."""
+        n, k, seed = self.num_layers, self.cfg.k, self.cfg.seed
+        choose = {"first": lambda: L.first_layers(n, k), "last": lambda: L.last_layers(n, k),
+                  "spread": lambda: L.spread_layers(n, k), "random": lambda: L.random_layers(n, k, seed),
+                  "floe": lambda: self.select(self.warmup())}
+        return choose[method]() if method in choose else None
+
+    def train(self, method: str, layers: list[int] | None) -> Stage:
+        from floe.pipeline.lisa import LisaCallback
+        from floe.training import train
+
+        lisa = method == "lisa"
+        inputs = {**self.common, "layers": layers, **({"lisa": [self.cfg.k, self.cfg.lisa_interval]} if lisa else {})}
+        stage = Stage("train", inputs, self.root)
+
+        def work(folder: Path) -> dict[str, Any]:
+            model = self.base_model()
+            self.attach(model, layers)
+            callbacks = [LisaCallback(model, self.cfg.k, self.cfg.lisa_interval, self.cfg.seed)] if lisa else []
+            adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in model.parameters())
+            per_step = adapter * self.cfg.k // self.num_layers if lisa else adapter
+            self.log(f"[floe] {method}: {per_step:,} trainable of {total:,} parameters ({100 * per_step / total:.3f}%)"
+                     + (f" at a time ({adapter:,} adapter parameters in all)" if lisa else ""))
+            res = train(model, self.tokenizer, self.train_ds, self.val_ds, self.train_config(folder), callbacks)
+            self.trained[method] = model
+            return {"train": res.to_dict(), "layers": layers, "trainable_params": per_step, "adapter_params": adapter,
+                    "total_params": total, "lisa_draws": callbacks[0].history if lisa else None}
+
+        self.record(f"{method}/train", *run_stage(stage, work, self.log, f"{method}/train"))
+        return stage
+
+    def evaluate(self, method: str, trained: Stage) -> dict[str, Any]:
+        from floe.evaluation import evaluate
+
+        stage = Stage("eval", {"train": trained.fingerprint, "eval": to_dict(self.cfg.eval),
+                               "data": to_dict(self.cfg.data)}, self.root)
+
+        def work(folder: Path) -> dict[str, Any]:
+            model = self.trained.get(method)
+            if model is None:  # trained in an earlier process: its adapter is in the stage folder
+                model = self.base_model()
+                load_adapter(model, trained.dir / "adapter")
+            result = evaluate(model, self.tokenizer, self.cfg.data.source, self.cfg.eval, data=self.cfg.data)
+            atomic_write_text(folder / "eval.json", json.dumps(result, indent=2, default=str) + "\n")
+            return headline(result)
+
+        record, cached = run_stage(stage, work, self.log, f"{method}/eval")
+        self.record(f"{method}/eval", record, cached)
+        return record["result"]
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def record(self, name: str, record: dict[str, Any], cached: bool) -> None:
+        self.stages[name] = {"dir": str(self.root / f"{record['name']}-{record['fingerprint']}"), "cached": cached,
+                             "seconds": record["seconds"], "peak_memory_mb": record["peak_memory_mb"],
+                             "result": record["result"]}
+
+
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    """The scores a comparison reads from an eval.json."""
+    out: dict[str, Any] = {}
+    if "loss" in result:
+        out.update(test_loss=result["loss"]["loss"], perplexity=result["loss"]["perplexity"])
+    if "generate" in result:
+        out.update(exact_match=result["generate"]["exact_match"], rouge_l=result["generate"]["rouge_l"])
+    if "choice" in result:
+        out.update(choice_accuracy=result["choice"]["accuracy"], choice_chance=result["choice"]["chance"])
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("floe", "torch", "transformers", "peft", "optuna"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def run(config: RunConfig, log: Log = print) -> dict[str, Any]:
+    """Run ``config`` end to end (finished stages are skipped) and write ``<output_dir>/run.json``."""
+    from floe.pipeline.stages import fingerprint
+
+    r = _Run(config, log)
+    methods: dict[str, Any] = {}
+    for method in r.methods:
+        layers = r.layers(method)
+        trained = r.train(method, layers)
+        scores = r.evaluate(method, trained)
+        t = r.stages[f"{method}/train"]["result"]
+        methods[method] = {"layers": layers, "trainable_params": t["trainable_params"],
+                           "total_params": t["total_params"],
+                           "trainable_share": t["trainable_params"] / t["total_params"],
+                           "final_eval_loss": t["train"]["final_eval_loss"],
+                           "eval_losses": t["train"]["eval_losses"], "train_seconds": t["train"]["train_seconds"],
+                           "seconds_per_step": t["train"]["seconds_per_step"], "steps": t["train"]["steps"],
+                           "scores": scores}
+    summary = {"config": to_dict(config), "fingerprint": fingerprint(to_dict(config)), "method": config.method,
+               "methods": methods, "stages": r.stages, "num_layers": r.num_layers, "versions": _versions()}
+    atomic_write_text(Path(config.output_dir) / "run.json", json.dumps(summary, indent=2, default=str) + "\n")
+    log(format_summary(summary))
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """One line per stage (time, memory, result), then each method's scores against the first compared one."""
+    lines = []
+    for name, s in summary["stages"].items():
+        res = s["result"]
+        what = (f"chosen layers {res['chosen']}" if "chosen" in res else
+                f"validation loss {res['train']['final_eval_loss']:.4f}" if "train" in res else
+                f"validation loss {res['final_eval_loss']:.4f}" if "final_eval_loss" in res else
+                ", ".join(f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float)))
+        lines.append(f"[floe] {name:<16} {s['seconds']:8.1f} s  {s['peak_memory_mb']:7.0f} MiB  {what}"
+                     + ("  (cached)" if s["cached"] else ""))
+    methods = summary["methods"]
+    keys = ("test_loss", "exact_match", "rouge_l", "choice_accuracy")
+    lines.append("[floe] " + f"{'method':<10}" + "".join(f"{k:>16}" for k in keys) + f"{'trainable %':>14}")
+    for m, v in methods.items():
+        sc = v["scores"]
+        lines.append("[floe] " + f"{m:<10}" + "".join(f"{sc[k]:>16.4f}" if k in sc else f"{'-':>16}" for k in keys)
+                     + f"{100 * v['trainable_share']:>14.3f}")
+    main, *others = list(methods)
+    for other in others:
+        a, b = methods[main]["scores"], methods[other]["scores"]
+        diffs = ", ".join(f"{k} {a[k] - b[k]:+.4f}" for k in keys if k in a and k in b)
+        lines.append(f"[floe] {main} - {other}: {diffs} (lower loss, higher match/ROUGE-L is better)")
+    return "\n".join(lines)

@@ -1,0 +1,186 @@
+"""`floe run`: stages cached by fingerprint, baselines train what they should, LISA redraws, reports."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tokenizer, tiny_model
+from floe.adapters.moe_lora import MoELoraConfig, apply_moe_lora
+from floe.config import from_dict
+from floe.errors import InputError
+from floe.pipeline import RunConfig, run
+from floe.pipeline import layers as L
+from train_helpers import save_tiny_model_folder, tokenized, write_alpaca_jsonl
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _config(tmp: Path, **over) -> RunConfig:
+    model_dir = tmp / "tiny"
+    if not model_dir.exists():
+        save_tiny_model_folder(model_dir)
+        write_alpaca_jsonl(tmp / "d.jsonl", 48)
+    tree = {"method": "floe", "k": 2, "compare": ["moe_lora", "lisa"], "seed": 3,
+            "model": {"name": str(model_dir)}, "data": {"source": str(tmp / "d.jsonl"), "max_length": 64},
+            "adapter": {"r": 2, "num_experts": 2},
+            "train": {"max_steps": 4, "batch_size": 4, "report_to": [], "progress_bar": False, "save_steps": 2,
+                      "logging_steps": 1, "learning_rate": 5e-3},
+            "warmup": {"max_steps": 3}, "select": {"batch_size": 4, "max_examples": 12, "config": {"heldout_batches": 1}},
+            "lisa_interval": 2, "eval": {"max_examples": 4, "max_new_tokens": 4, "progress": False},
+            "output_dir": str(tmp / "run")}
+    for key, value in over.items():
+        node = tree
+        *path, leaf = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return from_dict(RunConfig, tree)
+
+
+def _ran(lines: list[str]) -> list[str]:
+    """The stages that ran (not skipped) according to the log."""
+    return [ln.split("]")[1].split(":")[0].strip() for ln in lines if ": running in " in ln]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipe")
+    log: list[str] = []
+    summary = run(_config(tmp), log=log.append)
+    return tmp, summary, log
+
+
+def test_pipeline_runs_end_to_end_and_records_every_stage(finished_run):
+    tmp, summary, log = finished_run
+    assert _ran(log) == ["warmup", "select", "floe/train", "floe/eval", "moe_lora/train", "moe_lora/eval",
+                         "lisa/train", "lisa/eval"]
+    saved = json.loads((tmp / "run" / "run.json").read_text())
+    assert set(saved["methods"]) == {"floe", "moe_lora", "lisa"}
+    floe = saved["methods"]["floe"]
+    assert len(floe["layers"]) == 2
+    assert floe["layers"] == saved["stages"]["select"]["result"]["chosen"]
+    assert saved["methods"]["moe_lora"]["layers"] is None
+    for m in saved["methods"].values():
+        assert {"test_loss", "exact_match", "rouge_l"} <= set(m["scores"])
+        assert m["steps"] == 4 and m["eval_losses"][0][0] == 0
+    assert all(s["peak_memory_mb"] > 0 and s["seconds"] > 0 for s in saved["stages"].values())
+
+
+def test_the_same_config_again_runs_no_stage(finished_run):
+    tmp, summary, _ = finished_run
+    log: list[str] = []
+    again = run(_config(tmp), log=log.append)
+    assert _ran(log) == []
+    assert again["methods"] == summary["methods"]
+
+
+def test_changing_one_field_reruns_exactly_the_stages_downstream(finished_run):
+    tmp, _, _ = finished_run
+    log: list[str] = []
+    shared = {"output_dir": str(tmp / "other"), "stage_root": str(tmp / "run" / "stages"), "compare": []}
+    run(_config(tmp, **{"eval.max_new_tokens": 5, **shared}), log=log.append)
+    assert _ran(log) == ["floe/eval"]
+    log.clear()
+    run(_config(tmp, **{"select.config.budget": 0.4, **shared}), log=log.append)
+    ran = _ran(log)
+    assert ran[0] == "select" and "warmup" not in ran  # the warm-up is reused; train re-runs only if the layers changed
+
+
+def test_a_run_killed_in_a_stage_resumes_without_redoing_finished_ones(tmp_path, monkeypatch):
+    import floe.evaluation
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(floe.evaluation, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(_config(tmp_path, compare=[]), log=lambda s: None)
+    monkeypatch.undo()
+    log: list[str] = []
+    run(_config(tmp_path, compare=[]), log=log.append)
+    assert _ran(log) == ["floe/eval"]
+
+
+def test_bad_config_fails_before_any_stage(tmp_path):
+    with pytest.raises(InputError, match=r"unknown 'flo'.*did you mean 'floe'"):
+        _config(tmp_path, method="flo")
+    with pytest.raises(InputError, match="compare: unknown method 'lora2'"):
+        _config(tmp_path, compare=["lora2"])
+    with pytest.raises(InputError, match=r"k=9 is out of range"):
+        run(_config(tmp_path, k=9), log=lambda s: None)
+    with pytest.raises(InputError, match="no such file"):
+        run(_config(tmp_path, **{"data.source": str(tmp_path / "missing.jsonl")}), log=lambda s: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_position_and_random_baselines_choose_the_layers_they_name():
+    assert L.first_layers(30, 4) == [0, 1, 2, 3]
+    assert L.last_layers(30, 4) == [26, 27, 28, 29]
+    assert L.spread_layers(30, 4) == [0, 10, 19, 29]
+    assert L.spread_layers(30, 30) == list(range(30))
+    a, b = L.random_layers(30, 8, seed=1), L.random_layers(30, 8, seed=2)
+    assert len(set(a)) == 8 and a == sorted(a) and a == L.random_layers(30, 8, seed=1) and a != b
+
+
+@pytest.mark.parametrize("layers", [None, [0, 3], [1]])
+def test_moe_lora_baselines_train_exactly_their_adapter_parameters(layers):
+    model = tiny_model("llama")  # hidden 32, intermediate 48, 4 layers
+    r, m = 2, 3
+    apply_moe_lora(model, MoELoraConfig(r=r, num_experts=m, layers=layers))
+    per_module = {"gate_proj": (32, 48), "up_proj": (32, 48), "down_proj": (48, 32)}
+    by_hand = sum(r * d_in + m * d_out * r + m * d_in for d_in, d_out in per_module.values())
+    n_layers = 4 if layers is None else len(layers)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == n_layers * by_hand
+
+
+def test_lisa_trains_only_the_drawn_layers_and_redraws_them(tmp_path):
+    from floe.pipeline.lisa import LisaCallback, adapter_params_by_layer
+    from floe.training import TrainConfig, train
+
+    model = tiny_model("llama")
+    apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, dropout=0.0), seed=0)
+    params = adapter_params_by_layer(model)
+    snapshots = []
+
+    class Watch(LisaCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            super().on_step_begin(args, state, control, **kw)
+            snapshots.append(([[p.detach().clone() for p in params[i]] for i in range(4)], list(self.active)))
+
+    cb = Watch(model, k=1, interval=2, seed=5)
+    train(model, make_tokenizer(), tokenized(16, tmp_path), None,
+          TrainConfig(output_dir=str(tmp_path / "lisa"), max_steps=8, batch_size=4, learning_rate=1e-2,
+                      report_to=[], progress_bar=False, save_steps=100, warmup_ratio=0.0), callbacks=[cb])
+    assert len(snapshots) == 8
+    # steps i and i+1: only the layer active during step i moved
+    for (before, active), (after, _) in zip(snapshots, snapshots[1:]):
+        moved = [i for i in range(4) if any(not torch.equal(a, b) for a, b in zip(before[i], after[i]))]
+        assert set(moved) <= set(active), (moved, active)
+    draws = [layers for _, layers in cb.history]
+    assert [s for s, _ in cb.history] == [0, 2, 4, 6]
+    assert draws == [L.lisa_draw(4, 1, 5, d) for d in range(4)] and len({tuple(d) for d in draws}) > 1
+    assert all(p.requires_grad for ps in params.values() for p in ps)  # all trainable again after training
+
+
+def test_report_compares_runs_in_markdown_and_self_contained_html(finished_run, tmp_path):
+    from floe.pipeline.report import write_report
+
+    tmp, _, _ = finished_run
+    paths = write_report([str(tmp / "run")], tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    page = (tmp_path / "report" / "report.html").read_text()
+    for method in ("floe", "moe_lora", "lisa"):
+        assert f"| {method} |" in md and f"<td>{method}</td>" in page
+    assert page.count("data:image/png;base64,") >= 2  # loss curves + the FLoE layer heatmap
+    assert "src='loss_curves.png'" not in page and any(p.name == "loss_curves.png" for p in paths)
+
+
+def test_report_pools_seeds_into_mean_and_std():
+    from floe.pipeline.report import _mean_std
+
+    assert _mean_std([1.0, 2.0, 3.0]) == "2.0000 ± 1.0000"
+    assert _mean_std([0.5]) == "0.5000" and _mean_std([]) == "-"
