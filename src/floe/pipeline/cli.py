@@ -40,7 +40,26 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
     r.add_argument("run_dirs", nargs="+", help="folders written by floe run")
     r.add_argument("--output", "-o", default="report", help="folder for report.md, report.html and figures")
     r.set_defaults(func=_cmd_report)
+    e = sub.add_parser("experiment", help="a resumable grid of floe run cells, one results line per cell",
+                       description="Run every unfinished cell of GRID.yaml (variants x k x seeds x data) one at a "
+                                   "time, appending one JSON line per finished cell to the results file; "
+                                   "--summary prints the tables from the results file instead.")
+    e.add_argument("grid", help="grid YAML file (see benchmarks/grids/)")
+    e.add_argument("--summary", action="store_true", help="print mean ± std and paired differences, run nothing")
+    e.add_argument("--baseline", default="random", help="variant the paired differences are taken against")
+    e.set_defaults(func=_cmd_experiment)
     return p
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from floe.pipeline.experiment import finished, load_grid, run_grid, summarise
+
+    grid = load_grid(args.grid)
+    if args.summary:
+        print(summarise(list(finished(grid.results_path).values()), baseline=args.baseline))
+        return 0
+    run_grid(grid)
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
