@@ -1,4 +1,4 @@
-"""MoE-LoRA adapter: maths against a naive per-expert loop, injection, save/load, PEFT export.
+"""MoE-LoRA adapter: maths against a naive per-expert loop, injection, save/load (PEFT folders).
 
 The reference below is HydraLoRA's formula written independently as a loop over experts:
 
@@ -22,10 +22,10 @@ from floe.adapters.moe_lora import (
     AdapterError,
     MoELoraConfig,
     MoELoraLinear,
+    MoELoraView,
     adapter_state_dict,
     adapters_disabled,
     apply_moe_lora,
-    export_peft,
     load_adapter,
     moe_lora_modules,
     router_aux_loss,
@@ -33,7 +33,7 @@ from floe.adapters.moe_lora import (
     trainable_parameter_count,
 )
 
-ADAPTER_PARTS = ("lora_A", "lora_B", "router")
+ADAPTER_PARTS = ("lora_A", "lora_B", "lora_router")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -60,14 +60,25 @@ def reference_moe_lora(x, weight, bias, A, B, R, scaling, dropped_x):
     return y
 
 
-def reference_forward(self: MoELoraLinear, x: torch.Tensor) -> torch.Tensor:
+def experts(b_cat: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[B_1 … B_M]`` (d_out × M·r, the layer's lora_B weight) as a stack (M, d_out, r)."""
+    return b_cat.reshape(b_cat.shape[0], num_experts, -1).permute(1, 0, 2)
+
+
+def reference_forward(self: MoELoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Drop-in forward for MoELoraLinear that uses the naive loop (for model-level checks)."""
-    if not self.enabled:
-        return self.base(x)
-    dropped = self.lora_dropout(x)  # the same RNG draw as the fused path (first random op)
-    R = None if self.router is None else self.router.weight
-    return reference_moe_lora(x, self.base.weight, self.base.bias, self.lora_A.weight, self.lora_B, R,
-                              self.scaling, dropped)
+    if self.disable_adapters:
+        return self.base_layer(x)
+    v = MoELoraView(self, self.active_adapters[0])
+    dropped = self.lora_dropout[v.adapter](x)  # the same RNG draw as the fused path (first random op)
+    R = None if v.router is None else v.router.weight
+    return reference_moe_lora(x, v.base.weight, v.base.bias, v.lora_A.weight, experts(v.lora_B, v.num_experts), R,
+                              v.scaling, dropped)
+
+
+def wrap(base: nn.Linear, **kw) -> tuple[MoELoraLinear, MoELoraView]:
+    layer = MoELoraLinear.wrap(base, **kw)
+    return layer, MoELoraView(layer, "default")
 
 
 def randomise_adapter(model: nn.Module, seed: int = 1, scale: float = 0.3) -> None:
@@ -109,9 +120,10 @@ def test_fused_layer_matches_per_expert_loop_in_values_and_gradients(num_experts
     torch.manual_seed(0)
     base = nn.Linear(24, 40, bias=bias)
     base.requires_grad_(False)
-    layer = MoELoraLinear(base, r=4, num_experts=num_experts, alpha=8.0, dropout=0.2).train()
+    layer, v = wrap(base, r=4, num_experts=num_experts, alpha=8.0, dropout=0.2)
+    layer.train()
     with torch.no_grad():
-        layer.lora_B.normal_(0, 0.5)
+        v.lora_B.normal_(0, 0.5)
     x = torch.randn(*lead, 24, requires_grad=True)
     grad_out = torch.randn(*lead, 40)
 
@@ -120,9 +132,9 @@ def test_fused_layer_matches_per_expert_loop_in_values_and_gradients(num_experts
     y.backward(grad_out)
 
     x_ref = x.detach().clone().requires_grad_(True)
-    A = layer.lora_A.weight.detach().clone().requires_grad_(True)
-    B = layer.lora_B.detach().clone().requires_grad_(True)
-    R = None if layer.router is None else layer.router.weight.detach().clone().requires_grad_(True)
+    A = v.lora_A.weight.detach().clone().requires_grad_(True)
+    B = experts(v.lora_B.detach(), num_experts).clone().requires_grad_(True)
+    R = None if v.router is None else v.router.weight.detach().clone().requires_grad_(True)
     torch.manual_seed(123)
     dropped = nn.functional.dropout(x_ref, 0.2, training=True)
     assert (dropped == 0).any(), "dropout must actually drop something for this test to mean anything"
@@ -132,13 +144,13 @@ def test_fused_layer_matches_per_expert_loop_in_values_and_gradients(num_experts
     assert not torch.allclose(y, base(x)), "non-zero B must change the output"
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer.lora_A.weight.grad, A.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer.lora_B.grad, B.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v.lora_A.weight.grad, A.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(experts(v.lora_B.grad, num_experts), B.grad, atol=1e-5, rtol=1e-5)
     if num_experts == 1:
-        assert layer.router is None
+        assert v.router is None
     else:
-        assert layer.router.weight.shape == (num_experts, 24)
-        torch.testing.assert_close(layer.router.weight.grad, R.grad, atol=1e-5, rtol=1e-5)
+        assert v.router.weight.shape == (num_experts, 24)
+        torch.testing.assert_close(v.router.weight.grad, R.grad, atol=1e-5, rtol=1e-5)
         assert R.grad.abs().sum() > 0
 
 
@@ -148,13 +160,14 @@ def test_fused_layer_matches_per_expert_loop_in_values_and_gradients(num_experts
 def test_fused_layer_without_autograd_matches_the_loop(bias, lead, mode):
     torch.manual_seed(0)
     base = nn.Linear(24, 40, bias=bias)
-    layer = MoELoraLinear(base, r=4, num_experts=3, alpha=8.0, dropout=0.2).eval()
+    layer, v = wrap(base, r=4, num_experts=3, alpha=8.0, dropout=0.2)
+    layer.eval()
     layer.requires_grad_(False)
     with torch.no_grad():
-        layer.lora_B.normal_(0, 0.5)
+        v.lora_B.normal_(0, 0.5)
     x = torch.randn(*lead, 24)
-    expected = reference_moe_lora(x, base.weight, base.bias, layer.lora_A.weight, layer.lora_B,
-                                  layer.router.weight, 2.0, x)
+    expected = reference_moe_lora(x, base.weight, base.bias, v.lora_A.weight, experts(v.lora_B, 3),
+                                  v.router.weight, 2.0, x)
     ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode, contextlib.nullcontext)
     with ctx():
         y = layer(x)
@@ -165,11 +178,12 @@ def test_layer_under_bf16_autocast_matches_the_float32_reference():
     torch.manual_seed(0)
     base = nn.Linear(24, 40, bias=False)
     base.requires_grad_(False)
-    layer = MoELoraLinear(base, r=4, num_experts=3, alpha=8.0).eval()
+    layer, v = wrap(base, r=4, num_experts=3, alpha=8.0)
+    layer.eval()
     with torch.no_grad():
-        layer.lora_B.normal_(0, 0.5)
+        v.lora_B.normal_(0, 0.5)
     x = torch.randn(3, 5, 24)
-    expected = reference_moe_lora(x, base.weight, None, layer.lora_A.weight, layer.lora_B, layer.router.weight,
+    expected = reference_moe_lora(x, base.weight, None, v.lora_A.weight, experts(v.lora_B, 3), v.router.weight,
                                   2.0, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
@@ -180,12 +194,14 @@ def test_layer_under_bf16_autocast_matches_the_float32_reference():
 
 def test_layer_parameter_shapes_and_initialisation():
     base = nn.Linear(24, 40)
-    layer = MoELoraLinear(base, r=4, num_experts=3, alpha=8.0)
-    assert layer.lora_A.weight.shape == (4, 24)
-    assert isinstance(layer.lora_B, nn.Parameter) and layer.lora_B.shape == (3, 40, 4)
-    assert layer.router.weight.shape == (3, 24) and layer.router.bias is None
-    assert torch.count_nonzero(layer.lora_B) == 0
-    assert torch.count_nonzero(layer.lora_A.weight) > 0 and torch.count_nonzero(layer.router.weight) > 0
+    layer, v = wrap(base, r=4, num_experts=3, alpha=8.0)
+    # PEFT's LoRA layout per adapter name; B is the concatenation [B_1 … B_M] (d_out × M·r)
+    assert set(layer.lora_A) == set(layer.lora_B) == set(layer.lora_router) == {"default"}
+    assert v.lora_A.weight.shape == (4, 24) and layer.lora_B["default"].bias is None
+    assert isinstance(v.lora_B, nn.Parameter) and v.lora_B.shape == (40, 3 * 4)
+    assert v.router.weight.shape == (3, 24) and v.router.bias is None
+    assert torch.count_nonzero(v.lora_B) == 0
+    assert torch.count_nonzero(v.lora_A.weight) > 0 and torch.count_nonzero(v.router.weight) > 0
     x = torch.randn(2, 24)
     assert torch.equal(layer(x), base(x))
 
@@ -224,7 +240,7 @@ def test_zero_B_wrapped_model_logits_equal_base_exactly(arch):
     expected = logits_of(base, ids)
     wrapped = apply_moe_lora(base, MoELoraConfig(r=4, num_experts=3))
     assert len(wrapped) == 4 * 3
-    assert not any(m.training for m in moe_lora_modules(base).values()), "wrapping keeps the model's eval mode"
+    assert not any(m.layer.training for m in moe_lora_modules(base).values()), "wrapping keeps the model's eval mode"
     assert torch.equal(logits_of(base, ids), expected)
 
 
@@ -326,7 +342,7 @@ def _router_stack(num_experts: int) -> nn.Module:
     torch.manual_seed(0)
     base = nn.Linear(6, 5)
     base.requires_grad_(False)
-    layer = MoELoraLinear(base, r=2, num_experts=num_experts, alpha=2.0)
+    layer = MoELoraLinear.wrap(base, r=2, num_experts=num_experts, alpha=2.0)
     layer.keep_router_probs = True
     return nn.Sequential(layer)
 
@@ -336,15 +352,15 @@ def test_router_aux_loss_is_one_for_uniform_and_larger_for_collapsed_router():
     model = _router_stack(M)
     x = torch.rand(50, 6) + 0.1  # positive inputs so a single router row dominates every token
     with torch.no_grad():
-        model[0].router.weight.zero_()
+        model[0].lora_router['default'].weight.zero_()
     model(x)
     uniform = router_aux_loss(model)
     torch.testing.assert_close(uniform, torch.tensor(1.0))
     assert router_aux_loss(model) is None, "recorded probabilities are consumed by the loss"
 
     with torch.no_grad():
-        model[0].router.weight.zero_()
-        model[0].router.weight[2] = 10.0
+        model[0].lora_router['default'].weight.zero_()
+        model[0].lora_router['default'].weight[2] = 10.0
     model(x)
     collapsed = router_aux_loss(model)
     assert collapsed > 1.5
@@ -356,11 +372,11 @@ def test_router_aux_loss_matches_switch_formula_and_reaches_the_router():
     x = torch.randn(40, 6)
     model(x)
     loss = router_aux_loss(model)
-    probs = torch.softmax(x @ model[0].router.weight.detach().T, -1)
+    probs = torch.softmax(x @ model[0].lora_router['default'].weight.detach().T, -1)
     frac = torch.stack([(probs.argmax(-1) == i).float().mean() for i in range(3)])
     torch.testing.assert_close(loss.detach(), 3 * (frac * probs.mean(0)).sum())
     loss.backward()
-    assert model[0].router.weight.grad is not None and model[0].router.weight.grad.abs().sum() > 0
+    assert model[0].lora_router['default'].weight.grad is not None and model[0].lora_router['default'].weight.grad.abs().sum() > 0
 
 
 def test_router_probabilities_are_recorded_only_when_the_aux_loss_is_on():
@@ -388,13 +404,14 @@ def test_save_load_round_trip_into_a_fresh_model_gives_identical_logits(arch, tm
     expected = logits_of(model, ids)
     out = tmp_path / "adapter"
     save_adapter(model, out)
-    assert sorted(os.listdir(out)) == sorted([moe_model.ADAPTER_CONFIG_NAME, moe_model.ADAPTER_WEIGHTS_NAME])
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]  # PEFT's folder
     saved_cfg = json.loads((out / moe_model.ADAPTER_CONFIG_NAME).read_text())
-    assert saved_cfg["r"] == 4 and saved_cfg["num_experts"] == 3 and saved_cfg["layers"] == [0, 3]
+    assert saved_cfg["peft_type"] == "FLOE_MOE_LORA"
+    assert saved_cfg["r"] == 4 and saved_cfg["num_experts"] == 3 and saved_cfg["layers_to_transform"] == [0, 3]
 
     fresh = tiny_model(arch)  # same seed: same base weights, adapter not yet applied
     loaded = load_adapter(fresh, out)
-    assert loaded.to_dict() == {**cfg.to_dict(), "base_model_name_or_path": loaded.base_model_name_or_path}
+    assert loaded.settings() == cfg.settings()
     assert sorted(moe_lora_modules(fresh)) == sorted(moe_lora_modules(model))
     assert torch.equal(logits_of(fresh, ids), expected)
     assert not any(p.requires_grad for p in fresh.parameters()), "loaded adapter is frozen by default"
@@ -451,7 +468,7 @@ def test_load_into_different_size_model_is_an_error_and_leaves_the_model_untouch
     assert apply_moe_lora(bigger, MoELoraConfig(layers=[0])), "the model can still be adapted afterwards"
 
     shallower = tiny_model(arch, num_hidden_layers=2)
-    with pytest.raises(AdapterError, match=r"does not match.*unexpected \['model\.layers\.2\."):
+    with pytest.raises(AdapterError, match=r"does not match.*unexpected \['base_model\.model\.model\.layers\.2\."):
         load_adapter(shallower, tmp_path / "all")  # saved for all 4 layers; this model has 2
     assert not moe_lora_modules(shallower)
     model2 = tiny_model(arch)
@@ -469,7 +486,7 @@ def test_load_into_model_with_a_different_layer_set_is_an_error(tmp_path):
     other = tiny_model("llama")
     apply_moe_lora(other, MoELoraConfig(layers=[0, 1]))
     with pytest.raises(AdapterError, match=r"does not match the model's MoE-LoRA layers.*model\.layers\.0\.mlp.*"
-                                           r"unexpected \['model\.layers\.2.*another model or layer set"):
+                                           r"unexpected \['base_model\.model\.model\.layers\.2.*another model or layer set"):
         load_adapter(other, tmp_path / "a")
 
 
@@ -485,10 +502,13 @@ def test_load_into_model_with_different_scaling_is_an_error(tmp_path):
 
 def test_loading_a_folder_that_is_not_an_adapter_is_an_error(tmp_path):
     model = tiny_model("llama")
-    with pytest.raises(AdapterError, match="not a FLoE adapter folder"):
+    with pytest.raises(AdapterError, match="not an adapter folder: adapter_config.json not found"):
         load_adapter(model, tmp_path)
-    (tmp_path / "adapter_config.json").write_text("{}")
-    with pytest.raises(AdapterError, match="PEFT adapter"):
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    with pytest.raises(AdapterError, match="adapter_model.safetensors not found"):
+        load_adapter(model, tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    with pytest.raises(AdapterError, match="IA3"):
         load_adapter(model, tmp_path)
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -498,10 +518,10 @@ def test_loading_a_folder_that_is_not_an_adapter_is_an_error(tmp_path):
     assert not moe_lora_modules(model)
 
 
-# ----------------------------------------------------------------------------- PEFT export
+# ----------------------------------------------------------------------------- M = 1 is plain PEFT LoRA
 
 
-def test_export_peft_loads_in_peft_with_identical_logits(arch, tmp_path):
+def test_one_expert_adapter_is_a_plain_peft_lora_adapter(arch, tmp_path):
     targets = ("q_proj", "v_proj", "down_proj")
     model = tiny_model(arch)
     wrapped = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=1, alpha=12.0, dropout=0.1, layers=[1, 3],
@@ -510,31 +530,25 @@ def test_export_peft_loads_in_peft_with_identical_logits(arch, tmp_path):
     model.eval()
     ids = input_ids()
     ours = logits_of(model, ids)
-    export_peft(model, tmp_path / "peft")
+    save_adapter(model, tmp_path / "peft")
 
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["layers_to_transform"] == [1, 3]
-    assert cfg["rank_pattern"] == {name: 4 for name in wrapped}
-    assert cfg["lora_alpha"] == 12.0 and cfg["r"] == 4
+    assert cfg["lora_alpha"] == 12.0 and cfg["r"] == 4 and "num_experts" not in cfg
+    # PEFT's own LoraConfig and LoRA layers load it (no FLoE class involved) with the same output
+    loaded_cfg = peft.PeftConfig.from_pretrained(str(tmp_path / "peft"))
+    assert type(loaded_cfg) is peft.LoraConfig
 
     base = tiny_model(arch)
     assert not torch.equal(logits_of(base, ids), ours)
     peft_model = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft"))
     peft_model.eval()
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import Linear as PeftLoraLinear
 
     peft_wrapped = [n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
-                    if isinstance(m, LoraLayer)]
+                    if isinstance(m, PeftLoraLinear)]
     assert sorted(peft_wrapped) == sorted(wrapped)
     torch.testing.assert_close(logits_of(peft_model, ids), ours, atol=1e-5, rtol=1e-5)
-
-
-def test_export_peft_refuses_more_than_one_expert(tmp_path):
-    model = tiny_model("llama")
-    apply_moe_lora(model, MoELoraConfig(num_experts=2))
-    with pytest.raises(AdapterError, match=r"num_experts = 1.*2 experts.*save_adapter"):
-        export_peft(model, tmp_path / "peft")
-    assert not (tmp_path / "peft").exists()
 
 
 # ----------------------------------------------------------------------------- Mistral

@@ -1,8 +1,10 @@
-"""Training: loss falls, only the adapter trains and is checkpointed, a killed run resumes exactly."""
+"""Training: loss falls, only the adapter trains and is checkpointed (PEFT's files, by the Trainer's
+own PEFT support), a killed run resumes exactly."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from transformers import TrainerCallback
@@ -29,14 +31,17 @@ def test_training_lowers_validation_loss_and_saves_only_the_adapter(tmp_path):
     assert res.final_eval_loss < res.initial_eval_loss - 0.5
     # frozen base weights untouched
     for k, v in model.state_dict().items():
-        key = k.replace(".base.", ".")
+        key = k.replace(".base_layer.", ".")
         if key in base and "lora" not in k and "router" not in k:
             assert torch.equal(v, base[key]), k
     ckpt = tmp_path / "run" / "checkpoint-20"
     files = {p.name for p in ckpt.rglob("*") if p.is_file()}
-    assert "floe_adapter.safetensors" in files
+    assert {"adapter_config.json", "adapter_model.safetensors", "floe_record.json"} <= files, files
     assert not any(f.startswith("model") and f.endswith(".safetensors") for f in files), files
-    assert (tmp_path / "run" / "adapter" / "floe_adapter.safetensors").is_file()
+    from safetensors import safe_open
+    with safe_open(str(ckpt / "adapter_model.safetensors"), framework="pt") as f:  # the adapter only
+        assert f.keys() and all(".lora_" in k for k in f.keys())
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "run" / "train_metrics.json").is_file()
 
 
@@ -55,13 +60,17 @@ class _KillAfter(TrainerCallback):
             raise _Killed
 
 
-def test_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("how", ["apply_moe_lora", "get_peft_model"])
+def test_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path, how):
+    """The resume goes through transformers' own PEFT checkpointing (no FLoE override)."""
     data = tokenized(24, tmp_path)
     tok = make_tokenizer()
 
     def fresh():
         m = tiny_model("qwen2")
         torch.manual_seed(0)
+        if how == "get_peft_model":
+            return peft.get_peft_model(m, MoELoraConfig(r=4, num_experts=3, dropout=0.1))
         apply_moe_lora(m, MoELoraConfig(r=4, num_experts=3, dropout=0.1))
         return m
 
@@ -71,7 +80,7 @@ def test_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp
     part = fresh()
     with pytest.raises(_Killed):
         train(part, tok, data, None, _cfg(tmp_path / "resumed", save_steps=4), callbacks=[_KillAfter(8)])
-    assert (tmp_path / "resumed" / "checkpoint-8").is_dir()
+    assert (tmp_path / "resumed" / "checkpoint-8" / "adapter_model.safetensors").is_file()
     again = fresh()
     res = train(again, tok, data, None, _cfg(tmp_path / "resumed", save_steps=4))
     assert res.steps == 12

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from floe.adapters.moe_lora import MoELoraConfig, apply_moe_lora, export_peft
+from floe.adapters.moe_lora import AdapterSettings, apply_moe_lora
 from floe.config import config_differences, to_dict
 from floe.errors import InputError
 from floe.io import atomic_write_text
@@ -65,7 +66,7 @@ class TrainJob:
     """The base model."""
     data: DataSpec = field(default_factory=DataSpec)
     """Training and validation data."""
-    adapter: MoELoraConfig = field(default_factory=MoELoraConfig)
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)
     """MoE-LoRA rank, experts, target modules and layers."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimiser, schedule, steps, checkpoints."""
@@ -145,7 +146,8 @@ def run_train(job: TrainJob, log=print) -> TrainResult:
         atomic_write_text(out / "job.yaml", job_text)
     result = train(model, tokenizer, train_ds, eval_ds, dataclasses.replace(job.train, overwrite=False))
     if job.export_peft:
-        export_peft(model, out / "peft_adapter")
+        # An M = 1 adapter folder already is a plain PEFT LoRA adapter: the export is a copy of it.
+        shutil.copytree(out / "adapter", out / "peft_adapter", dirs_exist_ok=True)
         log(f"[floe] PEFT LoRA adapter written to {out / 'peft_adapter'}")
     log(summarise(result))
     return result

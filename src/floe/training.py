@@ -1,8 +1,9 @@
 """Training of MoE-LoRA adapters on top of the Hugging Face ``Trainer``.
 
 Using ``Trainer`` (not a hand loop) buys multi-GPU/multi-node for free: the same call
-runs under ``accelerate launch`` or ``torchrun``. Checkpoints hold only the adapter
-(plus optimizer/scheduler/RNG state), never the frozen base weights.
+runs under ``accelerate launch`` or ``torchrun``. The Trainer gets the ``PeftModel`` and saves and
+resumes it natively: checkpoints hold only the adapter (PEFT's ``adapter_config.json`` +
+``adapter_model.safetensors``, plus optimizer/scheduler/RNG state), never the frozen base weights.
 """
 from __future__ import annotations
 
@@ -23,14 +24,17 @@ import torch
 import transformers
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from floe.adapters.moe_lora import (
+from floe.adapters.moe_lora.model import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    adapter_config,
     adapter_state_dict,
     load_adapter,
     moe_lora_modules,
+    peft_model,
     router_aux_loss,
     save_adapter,
 )
-from floe.adapters.moe_lora.model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, adapter_config
 from floe.errors import InputError
 from floe.io import atomic_write_text
 
@@ -156,7 +160,8 @@ class _StepTimer(TrainerCallback):
 
 
 class MoELoraTrainer(Trainer):
-    """``Trainer`` that adds the router load-balancing loss and checkpoints only the adapter."""
+    """``Trainer`` that adds the router load-balancing loss and rounds the warm-up ratio (saving and
+    resuming the ``PeftModel`` it trains are the Trainer's own)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -168,16 +173,6 @@ class MoELoraTrainer(Trainer):
                     return out[0] + coef * aux, out[1]
                 return out + coef * aux
         return out
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
-            return
-        save_adapter(self.accelerator.unwrap_model(self.model), Path(output_dir) / "adapter")
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_adapter(model or self.model, Path(resume_from_checkpoint) / "adapter", trainable=True)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         # A warm-up ratio that rounds to zero steps means no warm-up. transformers rounds a ratio
@@ -256,7 +251,7 @@ def _has_mps() -> bool:
 def run_config(cfg: TrainConfig, model) -> dict[str, Any]:
     """The settings that determine a run's result: the training ones (bar ``NEUTRAL_KEYS``) and the adapter's."""
     settings = {"train": {k: v for k, v in asdict(cfg).items() if k not in NEUTRAL_KEYS},
-                "adapter": adapter_config(model).to_dict()}
+                "adapter": adapter_config(model).settings()}
     return json.loads(json.dumps(settings))  # tuples -> lists, as read back from a file
 
 
@@ -275,9 +270,9 @@ def _checkpoint_problem(ckpt: Path) -> str | None:
     except (OSError, ValueError):
         return "trainer_state.json is missing or cut short"
     try:
-        with safe_open(str(ckpt / "adapter" / ADAPTER_WEIGHTS_NAME), framework="pt"):
+        with safe_open(str(ckpt / ADAPTER_WEIGHTS_NAME), framework="pt"):  # PEFT's checkpoint files
             pass
-        json.loads((ckpt / "adapter" / ADAPTER_CONFIG_NAME).read_text())
+        json.loads((ckpt / ADAPTER_CONFIG_NAME).read_text())
     except Exception:  # safetensors raises its own error type for a cut file
         return "its adapter is missing or cut short"
     for name in ("optimizer.pt", "scheduler.pt"):
@@ -349,8 +344,9 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
     from floe.data import DataCollator
 
     cfg = config or TrainConfig()
-    if not moe_lora_modules(model):
-        raise ValueError("train() needs a model with MoE-LoRA layers: call floe.apply_moe_lora(model, MoELoraConfig(...)) first")
+    if not moe_lora_modules(model) or peft_model(model) is None:
+        raise ValueError("train() needs a model with MoE-LoRA layers: call floe.apply_moe_lora(model, MoELoraConfig(...)) "
+                         "or peft.get_peft_model(model, floe.MoELoraConfig(...)) first")
     if len(train_data) == 0:
         raise InputError("train() got an empty training set")
     out = Path(cfg.output_dir)
@@ -380,7 +376,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
     args = _training_args(cfg, eval_data is not None)
     timer = _StepTimer()
     trainer = MoELoraTrainer(
-        model=model,
+        model=peft_model(model),
         args=args,
         train_dataset=train_data,
         eval_dataset=eval_data,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from floe.adapters.moe_lora import MoELoraConfig
+from floe.adapters.moe_lora import AdapterSettings
 from floe.errors import InputError
 from floe.evaluation import EvalConfig
 from floe.jobs import DataSpec, ModelSpec
@@ -58,7 +58,7 @@ class RunConfig:
     """The base model."""
     data: DataSpec = field(default_factory=DataSpec)
     """Training, validation and test data (the same seeded split for every method)."""
-    adapter: MoELoraConfig = field(default_factory=MoELoraConfig)
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)
     """MoE-LoRA rank r, experts M, targets (its layers are set by the method)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimiser and schedule of the final training (output_dir and seed are set by the run)."""

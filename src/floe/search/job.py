@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from floe.adapters.moe_lora import MoELoraConfig
+from floe.adapters.moe_lora import AdapterSettings
 from floe.config import to_dict
 from floe.jobs import DataSpec, ModelSpec
 from floe.search.config import SearchConfig, SearchError
@@ -31,7 +31,7 @@ class SearchJob:
     """The base model."""
     data: DataSpec = field(default_factory=DataSpec)
     """Training and validation data (the paper searches on its 50 % warm-up sample: data.fraction 0.5)."""
-    adapter: MoELoraConfig = field(default_factory=MoELoraConfig)
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)
     """Alpha, dropout, target modules and layers of the adapter; r and num_experts are searched."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, report_to=[], progress_bar=False))
     """Optimiser settings of one trial; train.max_steps is the length of a trial."""
@@ -87,7 +87,7 @@ def _check_layers(job: SearchJob, n_layers: int) -> None:
                           f"layers (0..{n_layers - 1}). Fix: give 'all' or indices like '0,3,5-7' within that range")
 
 
-def _check_adapter(model: Any, adapter: MoELoraConfig, search: SearchConfig) -> None:
+def _check_adapter(model: Any, adapter: AdapterSettings, search: SearchConfig) -> None:
     """Attach the largest adapter of the search space to a copy of the model: bad target modules
     or a rank beyond a target's size fail here, before the study exists, not in trial 0."""
     import torch

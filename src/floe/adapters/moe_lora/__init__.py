@@ -1,25 +1,26 @@
-"""MoE-LoRA (HydraLoRA-style): a shared A, M expert B matrices and a softmax router."""
-from floe.adapters.moe_lora.config import MoELoraConfig
-from floe.adapters.moe_lora.layer import MoELoraLinear
-from floe.adapters.moe_lora.model import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
-    AdapterError,
-    adapter_state_dict,
-    adapters_disabled,
-    apply_moe_lora,
-    export_peft,
-    load_adapter,
-    moe_lora_modules,
-    read_adapter_config,
-    router_aux_loss,
-    save_adapter,
-    trainable_parameter_count,
-)
+"""MoE-LoRA (HydraLoRA-style): a shared A, M expert B matrices and a softmax router, as a PEFT LoRA adapter.
 
-__all__ = [
-    "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "AdapterError", "MoELoraConfig", "MoELoraLinear",
-    "adapter_state_dict", "adapters_disabled", "apply_moe_lora", "export_peft", "load_adapter",
-    "moe_lora_modules", "read_adapter_config", "router_aux_loss", "save_adapter",
-    "trainable_parameter_count",
-]
+Names are imported lazily (``AdapterSettings`` and the CLI's ``convert`` module need no PEFT), so
+that building the ``floe`` command line does not import PEFT.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AdapterSettings": "settings", "FLOE_PEFT_TYPE": "peft_hook",
+    "MoELoraConfig": "config", "MoELoraLinear": "layer",
+    **{name: "model" for name in (
+        "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "AdapterError", "MoELoraView", "adapter_config",
+        "adapter_state_dict", "adapters_disabled", "apply_moe_lora", "load_adapter", "moe_lora_modules",
+        "peft_model", "read_adapter_config", "router_aux_loss", "save_adapter", "trainable_parameter_count")},
+    "convert_adapter": "convert",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,70 +1,116 @@
-"""Injection of MoE-LoRA into a causal LM, saving/loading, and export to PEFT LoRA."""
+"""FLoE's helpers around a PEFT model carrying MoE-LoRA (injection, saving and loading are PEFT's).
+
+``apply_moe_lora(model, cfg)`` runs ``peft.get_peft_model`` on ``model`` (which PEFT adapts in
+place) after checks with FLoE's error messages, and keeps the ``PeftModel`` with it
+(:func:`peft_model`), so code holding the plain model keeps working. Folders are PEFT's
+(``adapter_config.json`` + ``adapter_model.safetensors``).
+"""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.nn as nn
+from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from floe.adapters.moe_lora.config import MoELoraConfig
+from floe.adapters.moe_lora.settings import AdapterSettings
+from floe.adapters.moe_lora.convert import OLD_CONFIG_NAME
 from floe.adapters.moe_lora.layer import MoELoraLinear
 from floe.arch import decoder_layers
 from floe.errors import InputError
 from floe.io import atomic_dir
 
-ADAPTER_CONFIG_NAME = "floe_adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "floe_adapter.safetensors"
-FORMAT = "floe-moe-lora/1"
-_CONFIG_ATTR = "floe_moe_lora_config"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+_PEFT_ATTR = "_floe_peft_model"
 
 
 class AdapterError(InputError):
     """An adapter does not fit a model, or an adapter folder is invalid."""
 
 
-def moe_lora_modules(model: nn.Module) -> dict[str, MoELoraLinear]:
-    """All MoE-LoRA layers of ``model`` by qualified name (in module order)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, MoELoraLinear)}
+def peft_model(model: nn.Module) -> PeftModel | None:
+    """The ``PeftModel`` of ``model``: itself, or the one ``apply_moe_lora``/``load_adapter`` made for it."""
+    return model if isinstance(model, PeftModel) else model.__dict__.get(_PEFT_ATTR)
 
 
-def _set_child(root: nn.Module, qualified: str, new: nn.Module) -> None:
-    parent_name, _, leaf = qualified.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, leaf, new)
+@dataclass(frozen=True)
+class MoELoraView:
+    """One MoE-LoRA layer seen through its active adapter: ``lora_A`` (``nn.Linear``), ``lora_B``
+    (the ``d_out × M·r`` weight ``[B_1 … B_M]``), ``router`` (``nn.Linear`` or None), ``r``, ``num_experts``."""
+
+    layer: MoELoraLinear
+    adapter: str
+
+    @property
+    def lora_A(self) -> nn.Linear:  # noqa: N802 (PEFT's name)
+        return self.layer.lora_A[self.adapter]
+
+    @property
+    def lora_B(self) -> nn.Parameter:  # noqa: N802
+        return self.layer.lora_B[self.adapter].weight
+
+    @property
+    def router(self) -> nn.Linear | None:
+        return self.layer.lora_router[self.adapter] if self.adapter in self.layer.lora_router else None
+
+    @property
+    def r(self) -> int:
+        return self.layer.r[self.adapter]
+
+    @property
+    def num_experts(self) -> int:
+        return self.layer.num_experts[self.adapter]
+
+    @property
+    def scaling(self) -> float:
+        return self.layer.scaling[self.adapter]
+
+    @property
+    def base(self) -> nn.Module:
+        return self.layer.get_base_layer()
+
+    def parameters(self) -> dict[str, nn.Parameter]:
+        out = {f"lora_A.{self.adapter}.weight": self.lora_A.weight, f"lora_B.{self.adapter}.weight": self.lora_B}
+        if self.router is not None:
+            out[f"lora_router.{self.adapter}.weight"] = self.router.weight
+        return out
 
 
-def apply_moe_lora(model: nn.Module, config: MoELoraConfig, seed: int | None = None) -> list[str]:
-    """Wrap ``config.target_modules`` of the chosen decoder layers; freeze everything else.
-
-    ``seed``: draw the adapter's initial weights (A, router) from this seed, leaving the global
-    random state untouched, so the same seed gives the same initial adapter; None draws from
-    the global generator. Returns the qualified names of the wrapped modules. Raises
-    ``AdapterError`` when a target name matches nothing (listing the linear modules that
-    exist), when a layer index is out of range, when the rank exceeds a target's
-    ``min(d_in, d_out)``, or when the model already carries MoE-LoRA.
-    """
-    if seed is None:
-        return _apply(model, config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _apply(model, config)
+def moe_lora_modules(model: nn.Module) -> dict[str, MoELoraView]:
+    """MoE-LoRA layers of ``model`` (with their active adapter) by qualified name, in module order."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, MoELoraLinear):
+            active = [a for a in m.active_adapters if a in m.lora_A]
+            if active:
+                out[name] = MoELoraView(m, active[0])
+    return out
 
 
-def _apply(model: nn.Module, config: MoELoraConfig) -> list[str]:
+def _check_fits(model: nn.Module, config: MoELoraConfig) -> None:
+    """FLoE's errors for what would otherwise fail inside PEFT (or not at all)."""
     if moe_lora_modules(model):
-        raise AdapterError("model already has MoE-LoRA layers; load a fresh base model to apply a new adapter")
+        raise AdapterError("model already has MoE-LoRA layers; load a fresh base model to apply a new adapter "
+                           "(or add a named adapter with PeftModel.add_adapter)")
     prefix, layers = decoder_layers(model)
-    chosen = list(range(len(layers))) if config.layers is None else list(config.layers)
+    chosen = list(range(len(layers))) if config.layers_to_transform is None else list(config.layers_to_transform)
     bad = [i for i in chosen if not 0 <= i < len(layers)]
     if bad:
         raise AdapterError(f"layer indices {bad} out of range: the model has {len(layers)} decoder layers (0..{len(layers) - 1})")
+    if isinstance(config.target_modules, str):
+        return  # a regex: PEFT matches it
     linear_leaves = sorted({n.split(".")[-1] for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)})
-    missing = [t for t in config.target_modules if t not in linear_leaves]
+    missing = sorted(t for t in config.target_modules if t not in linear_leaves)
     if missing:
         raise AdapterError(
             f"target_modules {missing} match no nn.Linear in {type(layers[0]).__name__}; "
@@ -78,37 +124,53 @@ def _apply(model: nn.Module, config: MoELoraConfig) -> list[str]:
                  if config.r > min(m.in_features, m.out_features)]
         raise AdapterError(f"rank r={config.r} exceeds min(d_in, d_out) of target module(s) {small}: "
                            f"use r <= {max_rank} or drop those targets")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    wrapped: list[str] = []
-    for i in chosen:
-        for name, module in list(layers[i].named_modules()):
-            if name.split(".")[-1] in config.target_modules and isinstance(module, nn.Linear):
-                new = MoELoraLinear(module, config.r, config.num_experts, config.alpha, config.dropout)
-                new.keep_router_probs = config.router_aux_loss_coef > 0
-                new.train(module.training)  # a fresh nn.Module is in train mode; keep the model's mode (eval → no dropout)
-                _set_child(layers[i], name, new)
-                wrapped.append(f"{prefix}.{i}.{name}")
-    setattr(model, _CONFIG_ATTR, config)
+
+
+def apply_moe_lora(model: nn.Module, config: MoELoraConfig | AdapterSettings, seed: int | None = None) -> list[str]:
+    """Attach MoE-LoRA to ``model`` in place with ``peft.get_peft_model``; freeze everything else.
+
+    ``seed``: draw the adapter's initial weights (A, router) from this seed, leaving the global
+    random state untouched, so the same seed gives the same initial adapter; None draws from
+    the global generator. The ``PeftModel`` is kept with ``model`` (:func:`peft_model`).
+    Returns the qualified names of the wrapped modules. Raises ``AdapterError`` when a target
+    name matches nothing (listing the linear modules that exist), when a layer index is out of
+    range, when the rank exceeds a target's ``min(d_in, d_out)``, or when the model already
+    carries MoE-LoRA.
+    """
+    if isinstance(config, AdapterSettings):
+        config = config.to_peft()
+    if isinstance(model, PeftModel):
+        raise AdapterError("apply_moe_lora takes the base model; to add an adapter to a PeftModel use "
+                           "model.add_adapter(name, MoELoraConfig(...))")
+    _check_fits(model, config)
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    modes = {n: m.training for n, m in model.named_modules()}
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        wrapper = get_peft_model(model, config)
+    wrapped = list(moe_lora_modules(model))
+    for name, m in model.named_modules():  # new modules start in train mode; keep the model's mode
+        if isinstance(m, MoELoraLinear):
+            m.train(modes.get(name, model.training))
+            m.keep_router_probs = config.router_aux_loss_coef > 0
+    model.__dict__[_PEFT_ATTR] = wrapper
     return wrapped
 
 
 def adapter_config(model: nn.Module) -> MoELoraConfig:
-    cfg = getattr(model, _CONFIG_ATTR, None)
-    if cfg is None:
-        raise AdapterError("model has no MoE-LoRA adapter: call apply_moe_lora or load_adapter first")
-    return cfg
+    """The active adapter's config."""
+    pm = peft_model(model)
+    if pm is None or not isinstance(pm.peft_config.get(pm.active_adapter), MoELoraConfig):
+        raise AdapterError("model has no MoE-LoRA adapter: call apply_moe_lora or load_adapter first "
+                           "(or peft.get_peft_model with a floe.MoELoraConfig)")
+    return pm.peft_config[pm.active_adapter]
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter weights only: ``<module>.lora_A.weight``, ``<module>.lora_B``, ``<module>.router.weight``."""
-    out: dict[str, torch.Tensor] = {}
-    for name, m in moe_lora_modules(model).items():
-        out[f"{name}.lora_A.weight"] = m.lora_A.weight
-        out[f"{name}.lora_B"] = m.lora_B
-        if m.router is not None:
-            out[f"{name}.router.weight"] = m.router.weight
-    return out
+    """The active adapter's live parameters (A, expert B, router) by their names in ``model``."""
+    return {f"{name}.{k}": p for name, v in moe_lora_modules(model).items() for k, p in v.parameters().items()}
 
 
 def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
@@ -120,16 +182,18 @@ def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """Run the base model: every MoE-LoRA layer passes its input through the frozen base only."""
-    mods = list(moe_lora_modules(model).values())
-    before = [m.enabled for m in mods]
+    """Run the base model: every adapter layer passes its input through the frozen base only.
+
+    Unlike ``PeftModel.disable_adapter()`` this leaves ``requires_grad`` as it is."""
+    mods = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [m._disable_adapters for m in mods]
     for m in mods:
-        m.enabled = False
+        m._disable_adapters = True
     try:
         yield
     finally:
         for m, b in zip(mods, before):
-            m.enabled = b
+            m._disable_adapters = b
 
 
 def router_aux_loss(model: nn.Module) -> torch.Tensor | None:
@@ -140,8 +204,8 @@ def router_aux_loss(model: nn.Module) -> torch.Tensor | None:
     router; larger when a few experts take most tokens. None when nothing was recorded.
     """
     losses = []
-    for m in moe_lora_modules(model).values():
-        w = m.router_probs
+    for m in model.modules():
+        w = getattr(m, "router_probs", None) if isinstance(m, MoELoraLinear) else None
         if w is None:
             continue
         w = w.reshape(-1, w.shape[-1])
@@ -151,17 +215,17 @@ def router_aux_loss(model: nn.Module) -> torch.Tensor | None:
     return torch.stack(losses).mean() if losses else None
 
 
-
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Save the adapter (JSON config + safetensors weights) atomically into ``directory``."""
-    cfg = adapter_config(model)
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    meta = {"format": FORMAT, **cfg.to_dict()}
-    if meta.get("base_model_name_or_path") is None:
-        meta["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None)
+    """Save the active adapter as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``),
+    atomically. ``PeftModel.from_pretrained(base, directory)`` loads it (after ``import floe``)."""
+    pm = peft_model(model)
+    if pm is None:
+        raise AdapterError("model has no adapter to save: call apply_moe_lora or load_adapter first")
+    name = pm.active_adapter
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(pm, adapter_name=name).items()}
 
     def write(tmp: Path) -> None:
-        (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        pm.peft_config[name].save_pretrained(str(tmp))
         save_file(weights, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
 
     atomic_dir(directory, write)
@@ -169,26 +233,28 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
 
 
 def read_adapter_config(directory: str | os.PathLike) -> MoELoraConfig:
-    """Read an adapter folder's config, with a clear error when it is not one."""
-    path = Path(directory) / ADAPTER_CONFIG_NAME
+    """An adapter folder's config (MoE-LoRA, or plain PEFT LoRA as M = 1), with a clear error when it is not one."""
+    directory = Path(directory)
+    path = directory / ADAPTER_CONFIG_NAME
     if not path.is_file():
-        hint = " (it looks like a PEFT adapter: load it with peft.PeftModel.from_pretrained)" if (
-            Path(directory) / "adapter_config.json").is_file() else ""
-        raise AdapterError(f"{directory} is not a FLoE adapter folder: {ADAPTER_CONFIG_NAME} not found{hint}")
+        if (directory / OLD_CONFIG_NAME).is_file():
+            raise AdapterError(f"{directory} holds an adapter in FLoE's old format ({OLD_CONFIG_NAME}); convert it "
+                               f"once with: floe convert-adapter {directory} NEW_FOLDER")
+        raise AdapterError(f"{directory} is not an adapter folder: {ADAPTER_CONFIG_NAME} not found")
     try:
-        meta = json.loads(path.read_text())
-        return MoELoraConfig.from_dict(meta)
+        return MoELoraConfig.from_peft_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise AdapterError(f"{path}: invalid adapter config: {e}") from e
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool = False) -> MoELoraConfig:
-    """Attach (if needed) and load a saved adapter into ``model``.
+    """Attach (if needed) and load a saved adapter into ``model`` (a base model, or one with MoE-LoRA).
 
-    A model without MoE-LoRA gets the saved configuration applied first; a model that has
-    one must match it. Shape or key mismatches (an adapter for another model) raise
-    ``AdapterError`` naming the offending tensors. Adapter weights are frozen unless
-    ``trainable``.
+    A model without MoE-LoRA gets the saved configuration applied first (as ``apply_moe_lora``);
+    a model that has one must match it. Shape or key mismatches (an adapter for another model)
+    raise ``AdapterError`` naming the offending tensors, leaving the model as it was. Adapter
+    weights are frozen unless ``trainable``. For a model of your own,
+    ``PeftModel.from_pretrained(model, directory)`` does the same.
     """
     cfg = read_adapter_config(directory)
     if moe_lora_modules(model):
@@ -208,7 +274,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool
 def _check_same_hyperparameters(current: MoELoraConfig, saved: MoELoraConfig, directory) -> None:
     """Weights of equal shape but another alpha would silently change the output: refuse."""
     diff = [f"{k}: saved {getattr(saved, k)!r} vs model {getattr(current, k)!r}"
-            for k in ("r", "num_experts", "alpha") if getattr(saved, k) != getattr(current, k)]
+            for k in ("r", "num_experts", "lora_alpha", "use_rslora") if getattr(saved, k) != getattr(current, k)]
     if diff:
         raise AdapterError(
             f"adapter in {directory} was trained with other hyperparameters than the model's MoE-LoRA layers ("
@@ -218,10 +284,9 @@ def _check_same_hyperparameters(current: MoELoraConfig, saved: MoELoraConfig, di
 
 def _remove_moe_lora(model: nn.Module, requires_grad: dict[str, bool]) -> None:
     """Undo ``apply_moe_lora``: put the base linears back and restore ``requires_grad`` flags."""
-    for name, m in moe_lora_modules(model).items():
-        _set_child(model, name, m.base)
-    if hasattr(model, _CONFIG_ATTR):
-        delattr(model, _CONFIG_ATTR)
+    pm = model.__dict__.pop(_PEFT_ATTR, None)
+    if pm is not None:
+        pm.unload()
     for n, p in model.named_parameters():
         p.requires_grad_(requires_grad.get(n, p.requires_grad))
 
@@ -238,7 +303,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_weights(model: nn.Module, cfg: MoELoraConfig, directory, trainable: bool) -> None:
-    own = adapter_state_dict(model)
+    pm = peft_model(model)
+    name = pm.active_adapter
+    own = get_peft_model_state_dict(pm, adapter_name=name)
     saved = read_weights(Path(directory) / ADAPTER_WEIGHTS_NAME)
     missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
     if missing or unexpected:
@@ -255,54 +322,6 @@ def _load_weights(model: nn.Module, cfg: MoELoraConfig, directory, trainable: bo
         )
     with torch.no_grad():
         for k, v in own.items():
-            v.copy_(saved[k].to(v.dtype))
-            v.requires_grad_(trainable)
-
-
-def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write a standard PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
-
-    Only plain LoRA (M = 1) has an exact PEFT equivalent; M > 1 is refused.
-    """
-    cfg = adapter_config(model)
-    mods = moe_lora_modules(model)
-    if cfg.num_experts != 1:
-        raise AdapterError(
-            f"export_peft needs a plain LoRA adapter (num_experts = 1), this one has {cfg.num_experts} experts "
-            "and a router, which PEFT's LoRA format cannot express. Train with num_experts: 1 to export, "
-            "or keep the FLoE format (save_adapter)."
-        )
-    prefix, layers = decoder_layers(model)
-    layer_ids = sorted({int(n[len(prefix) + 1:].split(".")[0]) for n in mods})
-    weights: dict[str, torch.Tensor] = {}
-    for name, m in mods.items():
-        weights[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.weight.detach().cpu().contiguous()
-        weights[f"base_model.model.{name}.lora_B.weight"] = m.lora_B[0].detach().cpu().contiguous()
-    peft_cfg = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": cfg.base_model_name_or_path
-        or getattr(getattr(model, "config", None), "_name_or_path", None),
-        "r": cfg.r,
-        "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout,
-        "target_modules": list(cfg.target_modules),
-        "layers_to_transform": layer_ids,
-        "layers_pattern": prefix.split(".")[-1],
-        "rank_pattern": {name: cfg.r for name in mods},
-        "alpha_pattern": {},
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "inference_mode": True,
-    }
-
-    def write(tmp: Path) -> None:
-        (tmp / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2) + "\n")
-        save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-
-    atomic_dir(directory, write)
-    return Path(directory)
+            v.copy_(saved[k].to(v.dtype))  # state-dict tensors share storage with the parameters
+    for p in adapter_state_dict(model).values():
+        p.requires_grad_(trainable)

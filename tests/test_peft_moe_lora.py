@@ -1,0 +1,184 @@
+"""MoE-LoRA through PEFT itself: ``peft.get_peft_model(model, floe.MoELoraConfig(...))`` and
+everything PEFT gives a LoRA user (save_pretrained / from_pretrained in a fresh process, disabling,
+named adapters, merging, trainable-parameter report), the clear failure without FLoE, and the
+conversion of FLoE's old adapter folders."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import torch.nn as nn
+from conftest import tiny_model
+from safetensors.torch import save_file
+
+import floe
+from floe.adapters.moe_lora import AdapterError, MoELoraConfig, MoELoraLinear, load_adapter, moe_lora_modules
+from floe.cli import main
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+       "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+
+
+def ids(batch: int = 2, length: int = 7, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 320, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def train_a_little(model: nn.Module, steps: int = 3) -> None:
+    """A few AdamW steps on a toy LM loss, so that every B (and router) is non-zero."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    model.train()
+    for i in range(steps):
+        x = ids(seed=10 + i)
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def test_get_peft_model_wraps_exactly_the_named_modules_and_trains_exactly_the_adapter(arch, capsys):
+    model = tiny_model(arch)
+    cfg = MoELoraConfig(r=4, num_experts=3, target_modules=["q_proj", "down_proj"], layers_to_transform=[0, 2])
+    pm = peft.get_peft_model(model, cfg)
+    assert isinstance(pm, peft.PeftModel)
+    wrapped = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules() if isinstance(m, MoELoraLinear)}
+    assert sorted(wrapped) == sorted(f"model.layers.{i}.{t}" for i in (0, 2)
+                                     for t in ("self_attn.q_proj", "mlp.down_proj"))
+    assert not any(isinstance(m, peft.tuners.lora.LoraLayer) and not isinstance(m, MoELoraLinear)
+                   for m in pm.modules()), "every targeted linear is a MoE-LoRA layer"
+    # by hand, per module: r·d_in (A) + M·d_out·r (experts B) + M·d_in (router)
+    expected = sum(4 * m.in_features + 3 * m.out_features * 4 + 3 * m.in_features for m in wrapped.values())
+    trainable = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in trainable.values()) == expected
+    assert all(any(f".{part}.default." in n for part in ("lora_A", "lora_B", "lora_router")) for n in trainable)
+    pm.print_trainable_parameters()
+    assert f"trainable params: {expected:,}" in capsys.readouterr().out
+
+
+def test_disable_adapter_gives_the_base_logits():
+    model = tiny_model("llama")
+    x = ids()
+    base = logits(model, x)
+    pm = peft.get_peft_model(model, MoELoraConfig(r=4, num_experts=2, init_lora_weights=False))
+    adapted = logits(pm, x)
+    assert not torch.allclose(adapted, base)
+    with pm.disable_adapter():
+        assert torch.equal(logits(pm, x), base)
+    assert torch.equal(logits(pm, x), adapted)
+
+
+def test_two_named_adapters_switch_with_set_adapter(tmp_path):
+    torch.manual_seed(1)
+    model = tiny_model("qwen2")
+    x = ids()
+    pm = peft.get_peft_model(model, MoELoraConfig(r=4, num_experts=2, init_lora_weights=False), adapter_name="one")
+    pm.add_adapter("two", MoELoraConfig(r=2, num_experts=3, layers=[1], init_lora_weights=False))
+    one = logits(pm, x)
+    pm.set_adapter("two")
+    two = logits(pm, x)
+    assert not torch.allclose(one, two)
+    assert {v.adapter for v in moe_lora_modules(pm).values()} == {"two"} and len(moe_lora_modules(pm)) == 3
+    pm.save_pretrained(str(tmp_path / "both"), selected_adapters=["one", "two"])
+    pm.set_adapter("one")
+    assert torch.equal(logits(pm, x), one)
+    # each adapter alone, loaded by name from the folder PEFT wrote, gives the same logits
+    fresh = peft.PeftModel.from_pretrained(tiny_model("qwen2"), str(tmp_path / "both" / "two"), adapter_name="two")
+    assert torch.equal(logits(fresh, x), two)
+
+
+def test_merge_and_unload_at_one_expert_equals_the_unmerged_model_and_refuses_a_router():
+    model = tiny_model("gemma")
+    x = ids()
+    pm = peft.get_peft_model(model, MoELoraConfig(r=4, num_experts=1, init_lora_weights=False))
+    unmerged = logits(pm, x)
+    merged = pm.merge_and_unload()
+    assert not any(isinstance(m, MoELoraLinear) for m in merged.modules())
+    torch.testing.assert_close(logits(merged, x), unmerged, atol=1e-5, rtol=1e-5)
+
+    routed = peft.get_peft_model(tiny_model("gemma"), MoELoraConfig(r=4, num_experts=3))
+    with pytest.raises(ValueError, match="3 experts and a router.*cannot be merged.*num_experts = 1"):
+        routed.merge_and_unload()
+
+
+def _script(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=ENV, cwd=cwd, timeout=600)
+
+
+def test_trained_adapter_reloads_with_peft_in_a_fresh_process_and_never_without_floe(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(model, MoELoraConfig(r=4, num_experts=3, layers_to_transform=[1, 3]))
+    train_a_little(pm)
+    x = ids()
+    torch.save({"ids": x, "logits": logits(pm, x)}, tmp_path / "expected.pt")
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "adapter"))
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "FLOE_MOE_LORA"
+
+    with_floe = _script("""
+        import torch, floe, peft, transformers
+        base = transformers.AutoModelForCausalLM.from_pretrained("base")
+        pm = peft.PeftModel.from_pretrained(base, "adapter")
+        assert type(pm.peft_config["default"]).__name__ == "MoELoraConfig"
+        e = torch.load("expected.pt")
+        with torch.no_grad():
+            assert torch.equal(pm(input_ids=e["ids"]).logits, e["logits"]), "logits differ"
+        print("identical")
+    """, tmp_path)
+    assert with_floe.returncode == 0 and "identical" in with_floe.stdout, with_floe.stderr[-3000:]
+
+    without_floe = _script("""
+        import sys, peft, transformers
+        base = transformers.AutoModelForCausalLM.from_pretrained("base")
+        try:
+            peft.PeftModel.from_pretrained(base, "adapter")
+        finally:
+            assert "floe" not in sys.modules
+    """, tmp_path)
+    assert without_floe.returncode != 0
+    assert "FLOE_MOE_LORA" in without_floe.stderr.strip().splitlines()[-1], without_floe.stderr[-2000:]
+
+
+def test_old_format_folder_is_refused_naming_convert_adapter_and_converts_exactly(tmp_path, capsys):
+    model = tiny_model("llama")
+    floe.apply_moe_lora(model, MoELoraConfig(r=2, num_experts=3, layers=[0, 2], alpha=6.0, init_lora_weights=False))
+    x = ids()
+    expected = logits(model, x)
+    # the folder FLoE wrote before PEFT: (M, d_out, r) expert stacks, "router" linears
+    old = tmp_path / "old"
+    old.mkdir()
+    tensors = {}
+    for name, v in moe_lora_modules(model).items():
+        d_out = v.lora_B.shape[0]
+        tensors[f"{name}.lora_A.weight"] = v.lora_A.weight.detach().clone()
+        tensors[f"{name}.lora_B"] = v.lora_B.detach().reshape(d_out, 3, 2).permute(1, 0, 2).contiguous()
+        tensors[f"{name}.router.weight"] = v.router.weight.detach().clone()
+    save_file(tensors, str(old / "floe_adapter.safetensors"))
+    (old / "floe_adapter_config.json").write_text(json.dumps({
+        "format": "floe-moe-lora/1", "r": 2, "num_experts": 3, "alpha": 6.0, "dropout": 0.05,
+        "target_modules": ["gate_proj", "up_proj", "down_proj"], "layers": [0, 2], "router_aux_loss_coef": 0.0,
+        "base_model_name_or_path": None, "extra": {}}))
+
+    with pytest.raises(AdapterError, match=r"old format.*floe convert-adapter"):
+        load_adapter(tiny_model("llama"), old)
+    assert main(["convert-adapter", str(old), str(tmp_path / "new")]) == 0
+    assert "wrote PEFT adapter" in capsys.readouterr().out
+    fresh = tiny_model("llama")
+    load_adapter(fresh, tmp_path / "new")
+    assert torch.equal(logits(fresh, x), expected)
+    pm = peft.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "new"))
+    assert torch.equal(logits(pm, x), expected)
+    assert main(["convert-adapter", str(tmp_path / "new"), str(tmp_path / "x")]) == 2
+    assert "not an old-format FLoE adapter folder" in capsys.readouterr().err
