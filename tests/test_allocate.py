@@ -370,6 +370,21 @@ def test_cli_writes_config_and_rank_map_with_stubbed_loaders(tmp_path, monkeypat
     assert "total rank 32 (= 32)" in capsys.readouterr().out
 
     args = _parser().parse_args(["allocate", "--budget-rank", "2", "--min-rank", "3", "--output", str(tmp_path / "bad")])
-    assert args.func(args) == 2
-    assert "min_rank 3 is above budget_rank 2" in capsys.readouterr().err
+    from floe.errors import InputError
+
+    with pytest.raises(InputError, match="min_rank 3 is above budget_rank 2"):
+        args.func(args)
     assert not (tmp_path / "bad").exists()
+
+    # the same through a YAML config: flags override the file; a floe train config's model/data are read
+    (tmp_path / "a.yaml").write_text(
+        "model: {name: tiny}\ndata: {source: x}\ntrain: {max_steps: 3}\n"
+        f"allocate: {{budget_rank: 4, batch_size: 2, target_modules: [down_proj], output: {tmp_path / 'c'}}}\n")
+    args = _parser().parse_args(["allocate", "--config", str(tmp_path / "a.yaml"), "--budget-rank", "2"])
+    assert args.func(args) == 0
+    cfg = json.loads((tmp_path / "c" / "adapter_config.json").read_text())
+    assert len(cfg["rank_pattern"]) == 4 and sum(cfg["rank_pattern"].values()) == 4 * 2
+    (tmp_path / "b.yaml").write_text("allocate: {budget_rnk: 4}\n")
+    args = _parser().parse_args(["allocate", "--config", str(tmp_path / "b.yaml")])
+    with pytest.raises(InputError, match="did you mean 'budget_rank'"):
+        args.func(args)

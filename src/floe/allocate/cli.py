@@ -37,7 +37,7 @@ def add_allocate_parser(subparsers) -> argparse.ArgumentParser:
                    help="calibration data: bigbench:<task>, bigbench:natural_instructions, a JSON/JSONL file or folder")
     p.add_argument("--split", default="train", help="split of --data to calibrate on (default: train)")
     p.add_argument("--max-length", type=int, default=512, help="longest tokenised example (default: 512)")
-    p.add_argument("--output", "-o", required=True, help="folder for adapter_config.json, allocation.json, rank_map.png")
+    p.add_argument("--output", "-o", help="folder for adapter_config.json, allocation.json, rank_map.png")
     p.add_argument("--target-modules", type=_targets, default=DEFAULT_TARGETS,
                    help="comma-separated linear layers to adapt (default: gate_proj,up_proj,down_proj; "
                         "add q_proj,k_proj,v_proj,o_proj for attention)")
@@ -58,8 +58,36 @@ def add_allocate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--save-adapter", action="store_true",
                    help="also save an initialised adapter (adapter_model.safetensors) for PeftModel.from_pretrained")
     p.add_argument("--no-plot", action="store_true", help="do not draw rank_map.png")
-    p.set_defaults(func=run_allocate)
+    p.add_argument("--config", "-c", help="YAML file: an `allocate:` section with these flags' names (e.g. "
+                   "budget_rank: 8), plus `model:`/`data:` sections as in a floe train config; flags override it")
+    p.set_defaults(func=run_allocate, _defaults={a.dest: a.default for a in p._actions if a.dest != "help"})
     return p
+
+
+# keys of a floe train config's sections that mean the same here
+_SHARED_KEYS = {"model.name": "model", "model.dtype": "dtype", "data.source": "data", "data.max_length": "max_length"}
+
+
+def apply_config_file(args: argparse.Namespace) -> None:
+    """Fill the flags the user did not give from ``--config`` (flags win; unknown keys are errors)."""
+    from floe.config import ConfigError, _suggest, load_yaml
+
+    tree = load_yaml(args.config)
+    defaults = args._defaults
+    values = dict(tree.get("allocate") or {})
+    for dotted, dest in _SHARED_KEYS.items():
+        section, key = dotted.split(".")
+        if isinstance(tree.get(section), dict) and key in tree[section]:
+            values.setdefault(dest, tree[section][key])
+    known = [d for d in defaults if d not in ("config", "func", "_defaults")]
+    for key, value in values.items():
+        dest = key.replace("-", "_")
+        if dest not in known:
+            raise ConfigError(f"{args.config}: unknown allocate key '{key}'{_suggest(dest, known)}; "
+                              f"valid keys: {', '.join(known)}")
+        if getattr(args, dest) == defaults[dest]:  # not given on the command line
+            setattr(args, dest, _targets(value) if dest == "target_modules" and isinstance(value, str) else
+                    tuple(value) if dest == "target_modules" else value)
 
 
 def config_from_args(args: argparse.Namespace) -> AllocateConfig:
@@ -74,6 +102,11 @@ def run_allocate(args: argparse.Namespace, log=print) -> int:
     """Load model and calibration data, allocate, write the outputs (input errors: ``InputError``)."""
     import transformers
 
+    if args.config:
+        apply_config_file(args)
+    if args.output is None:
+        raise InputError("--output is required (or `output:` in the allocate section of --config): "
+                         "the folder for adapter_config.json, allocation.json and rank_map.png")
     cfg = config_from_args(args)
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be a positive integer, got {args.batch_size}")

@@ -1,6 +1,6 @@
 """FIM-LoRA scoring: statistics of LoRA-B gradients over a few calibration passes.
 
-FIM-LoRA (``paper/fim-lora-abstract.txt``) attaches plain LoRA, runs N (default 8)
+FIM-LoRA (docs/fim-lora.md) attaches plain LoRA, runs N (default 8)
 calibration backward passes and uses the spread of each LoRA-B gradient as the matrix's
 informativeness. LoRA initialises ``B = 0``, so ``dL/dA = B^T (...) = 0`` at the start:
 only B carries signal, and only B is scored (A is frozen during calibration).
