@@ -208,8 +208,8 @@ def open_study(storage: optuna.storages.BaseStorage, study_name: str, config: Se
     where = f"study {study_name!r}" + (f" in {storage_label}" if storage_label else "")
     problems = _check_fit(study, where, config, context)
     if problems:
-        (log or logger.warning)(f"[floe] {where} has no finished trial: re-bound to this search "
-                                f"({'; '.join(problems)})")
+        (log or logger.warning)(f"[floe] {where} has no finished trial; {'; '.join(problems)}: "
+                                "re-bound to this search")
     if study.user_attrs.get(SPACE_ATTR) is None or problems:
         study.set_user_attr(SPACE_ATTR, _normalise(config.search_space()))
     if context and (study.user_attrs.get(CONTEXT_ATTR) is None or problems):
