@@ -1,0 +1,156 @@
+"""``floe eval``: evaluate a base model, or a base model with a MoE-LoRA adapter, and write ``eval.json``.
+
+    floe eval --model smollm2-135m [--adapter runs/x/adapter] --data bigbench:natural_instructions \\
+        --split test --metrics loss,generate --max-examples 120 --max-new-tokens 32 --output runs/eval
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from floe.cli import COMMON_FLAGS
+from floe.jobs import DataSpec, ModelSpec
+
+from .api import EvalConfig
+
+
+# Evaluation keeps every example it can: long prompts are cut from the left (never the response),
+# and only examples whose response alone is too long are skipped (and counted). A config file or
+# --set that gives these keys wins.
+EVAL_DATA_DEFAULTS = {"on_error": "skip", "truncate_prompt": True}
+
+
+def _eval_data() -> DataSpec:
+    return DataSpec(**EVAL_DATA_DEFAULTS)
+
+
+@dataclass
+class EvalJob:
+    """``floe eval``: loss, generation and multiple-choice metrics of a model (with an optional adapter)."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    """The base model."""
+    adapter_dir: str = ""
+    """MoE-LoRA adapter folder written by floe train (<output_dir>/adapter); empty = the base model alone."""
+    data: DataSpec = field(default_factory=_eval_data)
+    """Data source and split settings (use the training run's seed and fractions; max_*_examples are not used;
+    on_error defaults to skip and truncate_prompt to true here)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Metrics, split, example cap, decoding length, shots, batch size."""
+    output_dir: str = "runs/eval"
+    """Folder that receives eval.json."""
+
+
+EVAL_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    **COMMON_FLAGS,
+    "--adapter": ("adapter_dir", dict(help="MoE-LoRA adapter folder (<output_dir>/adapter of floe train); omit for the base model")),
+    "--split": ("eval.split", dict(help="train | validation | test (default test)")),
+    "--metrics": ("eval.metrics", dict(help="auto (default) or a comma-separated subset of loss,generate,choice")),
+    "--max-examples": ("eval.max_examples", dict(type=int, help="cap on evaluated examples, equal share per task")),
+    "--max-per-task": ("data.max_per_task", dict(type=int, help="cap per task of the split (default 60)")),
+    "--max-new-tokens": ("eval.max_new_tokens", dict(type=int, help="longest greedy answer in tokens (default 64)")),
+    "--batch-size": ("eval.batch_size", dict(type=int, help="sequences per forward / generation batch (default 8)")),
+    "--shots": ("eval.num_shots", dict(type=int, help="k-shot: solved train-split examples of the task prepended (default 0)")),
+    "--seed": ("data.seed", dict(type=int, help="seed of the train/validation/test split (use the training run's)")),
+    "--harness-tasks": ("eval.harness_tasks", dict(type=lambda s: [t.strip() for t in s.split(",") if t.strip()],
+                                                   help="lm-evaluation-harness tasks, comma-separated (needs pip install lm-eval)")),
+    "--harness-limit": ("eval.harness_limit", dict(type=int, help="examples per harness task")),
+    "--output": ("output_dir", dict(help="folder for eval.json (default runs/eval)")),
+}
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``floe eval`` on the ``floe`` command's sub-parsers."""
+    from floe.cli import EPILOG, add_job_flags
+
+    p = subparsers.add_parser(
+        "eval", help="evaluate a model or adapter: loss, exact match / ROUGE-L, multiple choice",
+        description="Held-out loss and perplexity (response tokens, as training), greedy generation scored by exact "
+                    "match and ROUGE-L, multiple-choice accuracy by summed option log-likelihood with its chance "
+                    "level, per task and macro-averaged; optional lm-evaluation-harness tasks. Writes eval.json.",
+        epilog=EPILOG)
+    add_job_flags(p, EVAL_FLAGS)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-predictions", action="store_true", help="leave the per-example answers out of eval.json")
+    p.set_defaults(func=run_eval)
+    return p
+
+
+def job_from(args: argparse.Namespace) -> EvalJob:
+    from floe.cli import job_from_args
+
+    # a floe train config file works as is: its adapter and train sections are not ours
+    job = job_from_args(EvalJob, args, EVAL_FLAGS, other_commands_sections=("adapter", "train", "export_peft"))
+    given = _data_keys_given(args)
+    for key, value in EVAL_DATA_DEFAULTS.items():
+        if key not in given:
+            setattr(job.data, key, value)
+    if getattr(args, "no_progress", False):
+        job.eval.progress = False
+    if getattr(args, "no_predictions", False):
+        job.eval.save_predictions = False
+    job.eval.check()
+    return job
+
+
+def _data_keys_given(args: argparse.Namespace) -> set[str]:
+    """``data.*`` keys the user set in the config file or with --set."""
+    from floe.cli import _parse_set
+    from floe.config import load_yaml
+
+    keys: set[str] = set()
+    for tree in ((load_yaml(args.config) if getattr(args, "config", None) else {}), _parse_set(getattr(args, "set", []))):
+        if isinstance(tree.get("data"), dict):
+            keys.update(tree["data"])
+    return keys
+
+
+def run_job(job: EvalJob, log=print) -> dict[str, Any]:
+    """Load the model (and adapter), evaluate, write ``<output_dir>/eval.json`` atomically; return the result."""
+    import time
+
+    from floe.adapters.moe_lora import load_adapter
+    from floe.config import to_dict
+    from floe.io import atomic_write_text
+    from floe.models import load_model
+
+    from .api import evaluate, format_summary
+
+    t0 = time.perf_counter()
+    if job.adapter_dir and not Path(job.adapter_dir).is_dir():
+        from .api import EvalInputError
+
+        raise EvalInputError(f"--adapter {job.adapter_dir}: no such folder. Fix: pass the adapter folder written by "
+                             f"floe train (<output_dir>/adapter), or omit --adapter for the base model.")
+    model, tokenizer = load_model(job.model.name, dtype=job.model.dtype, device="auto")
+    if job.adapter_dir:
+        load_adapter(model, job.adapter_dir)
+    log(f"[floe] model {job.model.name}" + (f" + adapter {job.adapter_dir}" if job.adapter_dir else "")
+        + f": loaded in {time.perf_counter() - t0:.1f}s")
+    result = evaluate(model, tokenizer, job.data.source, job.eval, data=job.data)
+    result["job"] = to_dict(job)
+    out = Path(job.output_dir) / "eval.json"
+    atomic_write_text(out, json.dumps(result, indent=1, ensure_ascii=False, allow_nan=True) + "\n")
+    log(format_summary(result))
+    log(f"[floe] wrote {out}")
+    return result
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Entry point of ``floe eval`` (returns the exit status)."""
+    from floe.config import describe
+    from floe.errors import InputError
+
+    if getattr(args, "print_config", False):
+        print("\n".join(describe(EvalJob)))
+        return 0
+    try:
+        run_job(job_from(args))
+    except InputError as e:  # bad config, data, model, adapter or missing optional package: nothing written
+        print(f"floe eval: error: {e}", file=sys.stderr)
+        return 2
+    return 0
