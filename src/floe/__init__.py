@@ -37,6 +37,8 @@ _EXPORTS = {
     "make_training_objective": "floe.search",
     "run": "floe.pipeline",
     "RunConfig": "floe.pipeline",
+    "evaluate": "floe.evaluation",
+    "EvalConfig": "floe.evaluation",
     "allocate_ranks": "floe.allocate",
     "AllocateConfig": "floe.allocate",
 }

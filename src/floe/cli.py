@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module, adder in (("floe.selection.cli", "add_select_parser"), ("floe.search.cli", "add_search_parser"),
                           ("floe.allocate.cli", "add_allocate_parser"), ("floe.fetch", "add_fetch_parser"),
                           ("floe.pipeline.cli", "add_run_parser"),
+                          ("floe.evaluation.cli", "add_eval_parser"),
                           ("floe.adapters.moe_lora.convert", "add_convert_parser")):
         _maybe_add(sub, module, adder)
     return parser
