@@ -161,6 +161,16 @@ def format_table(sel: Selection) -> str:
             row += f" {100 * sel.fisher_share[layer]:>7.2f}%"
         lines.append(row + ("  *" if layer in chosen else ""))
     lines.append(f"scorer {sel.scorer}; chosen layers (rank order): {sel.chosen}")
+    for stage in ("determination", "refinement", "tuning"):
+        d = sel.diagnostics.get(stage)
+        if not isinstance(d, dict) or "ranking" not in d:
+            continue
+        rho = d.get("rank_correlation")
+        loss = d.get("loss_increase") or {}
+        lines.append(f"{stage}: {d['constrained']} cost {d['cost']:.4g} <= C {d['budget']:.4g}: "
+                     f"{'yes' if d['fits_budget'] else 'NO'}; rank corr. with previous stage "
+                     f"{'-' if rho is None else f'{rho:.3f}'}; true masked-loss increase "
+                     + ", ".join(f"{k} {v:+.4f}" for k, v in loss.items()))
     if sel.heads_masked is not None:
         lines.append("heads/neurons: masked units per layer (m = 0)")
     return "\n".join(lines)
