@@ -6,7 +6,8 @@ every variant once, in a shuffled order; warm-up first; medians of many repetiti
 
 - ``base``        the frozen ``nn.Linear`` alone (input requires grad, so its backward
                   computes dx like every other variant);
-- ``fused M=..``  ``MoELoraLinear`` (r, M) — one product with the concatenated experts;
+- ``fused M=..``  ``MoELoraLinear`` (r, M; the PEFT layer ``get_peft_model`` builds) — one
+                  product with the concatenated experts;
 - ``lora r=M·r``  the same module with M = 1 and rank M·r: plain LoRA, the floor for dense
                   routing (every token touches M·r·d_out expert weights);
 - ``loop M=..``   HydraLoRA-style: A·dropout(x) recomputed per expert, M separate B products.
@@ -77,8 +78,8 @@ def _time_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> fl
 def build_variants(base: nn.Linear, r: int, experts: list[int], alpha: float, dropout: float) -> dict[str, nn.Module]:
     variants: dict[str, nn.Module] = {"base": base}
     for m in experts:
-        variants[f"fused M={m}"] = MoELoraLinear(base, r=r, num_experts=m, alpha=alpha, dropout=dropout)
-        variants[f"lora r={m * r}"] = MoELoraLinear(base, r=m * r, num_experts=1, alpha=alpha, dropout=dropout)
+        variants[f"fused M={m}"] = MoELoraLinear.wrap(base, r=r, num_experts=m, alpha=alpha, dropout=dropout)
+        variants[f"lora r={m * r}"] = MoELoraLinear.wrap(base, r=m * r, num_experts=1, alpha=alpha, dropout=dropout)
         variants[f"loop M={m}"] = HydraLoopLinear(base, r=r, num_experts=m, alpha=alpha, dropout=dropout)
     for i, v in enumerate(variants.values()):
         v.train()

@@ -287,6 +287,7 @@ def _remove_moe_lora(model: nn.Module, requires_grad: dict[str, bool]) -> None:
     pm = model.__dict__.pop(_PEFT_ATTR, None)
     if pm is not None:
         pm.unload()
+    model.__dict__.pop("peft_config", None)  # PEFT's mark on the model it adapted
     for n, p in model.named_parameters():
         p.requires_grad_(requires_grad.get(n, p.requires_grad))
 
