@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch.nn as nn
 from peft import LoraConfig
 
-from floe.adapters.moe_lora.peft_hook import FLOE_PEFT_TYPE
+from floe.adapters.moe_lora.peft_hook import FLOE_PEFT_TYPE, register
 from floe.adapters.moe_lora.settings import DEFAULT_TARGETS
 # Keys that only a MoE-LoRA adapter has; an M = 1 adapter is saved without them (plain LoRA).
 FLOE_ONLY_KEYS = ("num_experts", "router_aux_loss_coef", "alpha", "dropout", "layers", "extra")
@@ -117,3 +117,6 @@ class MoELoraConfig(LoraConfig):
         kwargs = {k: v for k, v in d.items() if k != "runtime_config"}
         kwargs.setdefault("num_experts", 1)
         return cls(**kwargs)
+
+
+register()  # PEFT_TYPE_TO_CONFIG_MAPPING['FLOE_MOE_LORA'] = MoELoraConfig (peft_hook.py)

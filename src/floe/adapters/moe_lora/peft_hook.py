@@ -18,6 +18,9 @@ FLOE_PEFT_TYPE = "FLOE_MOE_LORA"
 def register() -> None:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
+    config = sys.modules.get("floe.adapters.moe_lora.config")
+    if config is not None and not hasattr(config, "MoELoraConfig"):
+        return  # PEFT's import was triggered by config.py itself: it registers once it is defined
     from floe.adapters.moe_lora.config import MoELoraConfig
 
     PEFT_TYPE_TO_CONFIG_MAPPING[FLOE_PEFT_TYPE] = MoELoraConfig  # type: ignore[index]
