@@ -134,8 +134,20 @@ def result_row(grid: Grid, cell: str, variant: str, cfg: RunConfig, summary: dic
             "seconds_per_step": m["seconds_per_step"],
             "stages": {k: {"seconds": v["seconds"], "peak_memory_mb": v["peak_memory_mb"], "cached": v["cached"]}
                        for k, v in stages.items()},
-            "cell_seconds": seconds, "config": to_dict(cfg), "versions": summary["versions"],
+            "cell_seconds": seconds, "config": to_dict(cfg), "versions": {**summary["versions"], "commit": _commit()},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _commit() -> str | None:
+    """The code's git commit, when it runs from a checkout (results name the code that made them)."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() or None
 
 
 def run_grid(grid: Grid, log=print) -> int:
