@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -149,7 +150,9 @@ def apply_moe_lora(model: nn.Module, config: MoELoraConfig | AdapterSettings, se
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        wrapper = get_peft_model(model, config)
+        with warnings.catch_warnings():  # PEFT 0.21 asks transformers 5 a deprecated name; not the user's concern
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            wrapper = get_peft_model(model, config)
     wrapped = list(moe_lora_modules(model))
     for name, m in model.named_modules():  # new modules start in train mode; keep the model's mode
         if isinstance(m, MoELoraLinear):
