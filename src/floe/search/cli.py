@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from typing import Any
@@ -101,25 +100,11 @@ def run_search(args: argparse.Namespace, log=print) -> int:  # type: ignore[no-u
     if getattr(args, "print_config", False):
         print("\n".join(describe(SearchJob)))
         return 0
-    from floe.errors import InputError
-
-    errors: tuple[type[BaseException], ...] = (InputError, FileNotFoundError, NotADirectoryError, PermissionError)
-    try:
-        from floe.adapters.moe_lora import AdapterError
-
-        errors += (AdapterError,)
-    except ImportError:  # pragma: no cover -- partial installs
-        pass
     install_sigterm_handler()
     _quiet_progress_bars()
-    try:
+    try:  # input errors (floe.errors.InputError) are reported by floe.cli.main, the one handler
         job = job_from_args(SearchJob, args, SEARCH_FLAGS)
         result = run_search_job(job, log=log)
-    except errors as e:
-        if "--debug" in sys.argv or os.environ.get("FLOE_DEBUG", "0") not in ("", "0"):
-            raise  # the traceback, as `floe --debug` promises
-        print(f"floe search: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("floe search: interrupted; finished trials are saved in the study; run the same command again "
               "to resume", file=sys.stderr)
@@ -132,8 +117,6 @@ def run_search(args: argparse.Namespace, log=print) -> int:  # type: ignore[no-u
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m floe.search ...``: the same as ``floe search ...``."""
-    parser = argparse.ArgumentParser(prog="floe")
-    sub = parser.add_subparsers(dest="command")
-    add_search_parser(sub)
-    args = parser.parse_args(["search", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    from floe.cli import main as floe_main
+
+    return floe_main(["search", *(sys.argv[1:] if argv is None else argv)])
