@@ -335,3 +335,16 @@ def test_evaluate_loads_a_source_split_as_training_does(tmp_path):
     assert r["examples"] == len(records) and r["split"] == "test"
     ds = tokenize_records(records, tok, max_length=512)
     assert r["loss"]["loss"] == pytest.approx(evaluate_loss(model, tok, ds)["loss"], rel=1e-6)
+
+
+def test_print_config_shows_the_eval_data_defaults(capsys):
+    from floe.evaluation.cli import add_eval_parser
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_eval_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "--print-config"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "  on_error: skip  #" in out and "  truncate_prompt: true  #" in out
+    assert "  max_new_tokens: 64  #" in out and "harness_tasks: []" in out
