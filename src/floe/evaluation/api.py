@@ -31,7 +31,7 @@ class EvalConfig:
     split: str = "test"
     """Split of the data source to evaluate on (train, validation, test); same seeded split as training."""
     max_examples: int | None = None
-    """Cap on evaluated examples, shared equally among tasks (None = all)."""
+    """Cap on evaluated examples: shared equally among the tasks of a source; the first N of a list of records (None = all)."""
     max_new_tokens: int = 64
     """Most tokens greedy decoding generates per example (it also stops at EOS)."""
     batch_size: int = 8
