@@ -241,7 +241,7 @@ def test_refinement_follows_exhaustive_swap_search(rule):
 
 
 def test_refinement_swaps_across_types_and_layers():
-    """At least one instance makes a head <-> neuron or cross-layer swap (DESIGN.md)."""
+    """At least one instance makes a head <-> neuron or cross-layer swap (refine: block)."""
     crossed = False
     for seed in range(10):
         gh, gn, ch, cn = _instance(seed, layers=4, heads=4, neurons=12, batches=8)

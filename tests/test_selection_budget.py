@@ -9,13 +9,13 @@ import copy
 
 import pytest
 import torch
+from test_selection_model import adapted_model, make_batches
 
 from floe.adapters import adapters_disabled
 from floe.arch import decoder_layers
 from floe.selection import SelectionConfig, select_layers, weight_taylor
 from floe.selection.determination import RULES, MaskSet, determine, repair_budget
 from floe.selection.refinement import refine_block, refine_paper
-from test_selection_model import adapted_model, make_batches
 
 REL = 1e-9
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_selection_model import adapted_model, make_batches
 
 from floe.adapters import adapters_disabled
 from floe.arch import decoder_layers, geometry
@@ -14,7 +15,6 @@ from floe.selection import MaskHooks, mask_gradients, weight_taylor
 from floe.selection.determination import determine, repair_budget
 from floe.selection.refinement import refine_paper
 from floe.selection.score import layer_scores, rank_layers
-from test_selection_model import adapted_model, make_batches
 
 
 @pytest.fixture(autouse=True)
@@ -85,6 +85,7 @@ def test_eq4_cost_equals_explicit_per_weight_autograd(arch):
         torch.testing.assert_close(got.neuron[b].double(), ref_n, rtol=1e-5, atol=1e-9)
     ch, cn = got.taylor()
     torch.testing.assert_close(ch.double(), sum(r[0] for r in refs), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(cn.double(), sum(r[1] for r in refs), rtol=1e-5, atol=1e-9)
     # the adapter is off: the cost is the base model's, whatever the adapter holds
     assert not any(p.grad is not None for p in model.parameters())
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from floe.adapters import MoELoraConfig, apply_moe_lora
 from floe.arch import decoder_layers
 from floe.selection import SelectionConfig, select_layers

@@ -245,5 +245,5 @@ def test_paper_refinement_does_not_grow_an_overrun_start():
     start = MaskSet(torch.ones_like(fh, dtype=torch.bool), fn < fn.median())
     before = _cost(start.masked_head, start.masked_neuron, ch, cn, "paper")
     assert before > _budget(ch, cn, 0.2)
-    refined, diag = refine_paper(start, fh, fn, ch, cn, 0.2, "paper")
+    _, diag = refine_paper(start, fh, fn, ch, cn, 0.2, "paper")
     assert diag["cost_after"] <= before * (1 + REL)

@@ -10,7 +10,13 @@ scorers), :mod:`.stability` (Fig. 7), :mod:`.plots` (Fig. 3/10 heatmap), :mod:`.
 """
 from floe.selection.api import Selection, SelectionConfig, select_layers
 from floe.selection.determination import MaskSet, determine, repair_budget
-from floe.selection.importance import MaskGradients, SelectionError, mask_gradients, masked_losses, weight_taylor
+from floe.selection.importance import (
+    MaskGradients,
+    SelectionError,
+    mask_gradients,
+    masked_losses,
+    weight_taylor,
+)
 from floe.selection.masks import MaskHooks, mask_hooks, unit_geometry
 from floe.selection.refinement import refine_block, refine_paper
 from floe.selection.scorers import SCORERS

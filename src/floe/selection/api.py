@@ -1,8 +1,11 @@
-"""``select_layers``: the FLoE layer-selection pipeline behind one call (DESIGN.md "The pipeline").
+"""``select_layers``: the FLoE layer-selection pipeline behind one call (docs/method.md).
 
-Taylor cost on the base model → Fisher on the adapted model → determination (Alg. 1) →
-refinement (Alg. 2) → tuning (least squares) → per-layer score → ranking → top-k. The
-``scorer`` option swaps the whole pipeline for one of the ablation scorers (:mod:`.scorers`).
+Taylor cost on the base model (Eq. 4) → Fisher on the adapted model (Eq. 8, per example) →
+determination (Alg. 1, then the budget repair with per-unit costs) → refinement (Alg. 2) →
+tuning (least squares) → per-layer score → ranking → top-k. After each of determination,
+refinement and tuning, ``diagnostics.<stage>`` records the ranking, its rank correlation with
+the previous stage's, the cost against the budget and the true masked-loss increase on the
+selection and held-out batches. The ``scorer`` option swaps the whole pipeline for one of the ablation scorers (:mod:`.scorers`).
 One model object can play both roles: the base model is the adapted one under
 :func:`floe.adapters.adapters_disabled`.
 """
@@ -25,7 +28,14 @@ from floe.adapters import adapters_disabled, load_adapter, moe_lora_modules
 from floe.adapters.moe_lora import ADAPTER_WEIGHTS_NAME, adapter_state_dict
 from floe.io import atomic_file, atomic_write_text
 from floe.selection import score as score_mod
-from floe.selection.determination import RULES, MaskSet, constrained_cost, determine, mean_costs, repair_budget
+from floe.selection.determination import (
+    RULES,
+    MaskSet,
+    constrained_cost,
+    determine,
+    mean_costs,
+    repair_budget,
+)
 from floe.selection.importance import (
     MaskGradients,
     SelectionError,

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from floe.cli import COMMON_FLAGS
 from floe.errors import InputError
-
 from floe.jobs import DataSpec, ModelSpec
 from floe.selection.api import Selection, SelectionConfig
 

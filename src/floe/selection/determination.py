@@ -2,8 +2,8 @@
 
 Inputs are per-unit scores over all layers at once: ``fisher_head`` / ``cost_head`` of shape
 ``(L, H)`` (query heads) and ``fisher_neuron`` / ``cost_neuron`` of shape ``(L, F)`` (FFN
-neurons). Fisher ``F_u = sum_b g[b, u]^2`` comes from the adapted model, the Taylor cost
-``c_u`` from the base model (DESIGN.md "Mask variables and scores").
+neurons). Fisher ``F_u = sum_e g[e, u]^2`` (per example, or per batch) comes from the adapted
+model, the Taylor cost ``c_u`` (Eq. 4) from the base model (docs/method.md, "Importance").
 
 Budget: ``C = gamma * sum_u c_u`` with ``gamma`` in (0, 1). Alg. 1 prices every head at the mean
 head cost ``t_h`` and every neuron at the mean neuron cost ``t_f``; for ``n = 0 .. #heads``
@@ -11,7 +11,7 @@ head cost ``t_h`` and every neuron at the mean neuron cost ``t_f``; for ``n = 0 
 forms ``S_n`` = the ``n`` heads and ``f`` neurons with the smallest (``paper``) or largest
 (``kwon``, ``fisher_top``) Fisher, then keeps the best ``S_n``.
 
-The three ``rule`` readings (DESIGN.md "Determination"):
+The three ``rule`` readings (docs/method.md, "Determination"):
 
 =============  ======================  ===========================  ======================
 rule           S_n takes               best S_n                     S is
@@ -22,7 +22,9 @@ rule           S_n takes               best S_n                     S is
 =============  ======================  ===========================  ======================
 
 Whatever the rule, :func:`determine` returns the *masked* units, so downstream code is
-rule-agnostic. Implementation: one stable sort per unit type and prefix sums make the whole
+rule-agnostic. Alg. 1 prices units at the mean costs, so its set can exceed ``C`` under the
+per-unit costs; :func:`repair_budget` then makes it fit (the pipeline always calls it).
+Implementation: one stable sort per unit type and prefix sums make the whole
 scan over ``n`` a vectorised ``O(N log N)`` (ties in Fisher are broken by flat index, lower
 first; ties between ``n`` values keep the smallest ``n``, as the loop's strict ``<`` does).
 """
@@ -134,7 +136,7 @@ def check_costs(cost_head: torch.Tensor, cost_neuron: torch.Tensor) -> None:
 
 def budget_from_fraction(gamma: float, cost_head: torch.Tensor,
                          cost_neuron: torch.Tensor) -> float:
-    """``C = gamma * sum_u c_u`` (DESIGN.md "Determination"); ``gamma`` must lie in (0, 1)."""
+    """``C = gamma * sum_u c_u`` (docs/method.md, "Determination"); ``gamma`` must lie in (0, 1)."""
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) \
             or not 0.0 < float(gamma) < 1.0:
         raise ValueError(f"budget must be a fraction gamma in (0, 1) of the total Taylor cost, "

@@ -24,8 +24,6 @@ single process computes.
 """
 from __future__ import annotations
 
-from floe.errors import InputError
-
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -35,7 +33,15 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from floe.arch import decoder_layers, find_child, geometry
-from floe.selection.masks import MaskHooks, base_linear, frozen, model_device, to_model_inputs, unit_geometry
+from floe.errors import InputError
+from floe.selection.masks import (
+    MaskHooks,
+    base_linear,
+    frozen,
+    model_device,
+    to_model_inputs,
+    unit_geometry,
+)
 
 
 class SelectionError(InputError):

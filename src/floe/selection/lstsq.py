@@ -3,7 +3,7 @@
 The tuning stage fits continuous mask values ``m`` of a layer's kept units by least squares,
 ``min_m ||A m - b||^2`` (Eq. 20), from normal equations ``G = A^T A``, ``A^T b`` accumulated
 over batches. Eq. 21 assumes ``G`` invertible; it often is not (few tokens, correlated
-units), so the project damps towards ``m = 1`` (DESIGN.md "Tuning stage"): with
+units), so the project damps towards ``m = 1`` (docs/method.md, "Tuning stage"): with
 ``delta = m - 1`` it solves
 
     (G + lambda * s * I) delta = A^T b - G 1,      s = mean(|diag G|)  (1 if that is 0),

@@ -1,4 +1,4 @@
-"""Mask variables on attention heads and FFN neurons (paper Eq. 2, DESIGN.md "Mask variables").
+"""Mask variables on attention heads and FFN neurons (paper Eq. 2; docs/method.md, "Mask variables").
 
 One mask variable per *query* head and one per FFN neuron, in every decoder layer:
 

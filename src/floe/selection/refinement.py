@@ -40,7 +40,13 @@ from typing import Any
 
 import torch
 
-from floe.selection.determination import MaskSet, budget_from_fraction, check_costs, check_rule, check_scores
+from floe.selection.determination import (
+    MaskSet,
+    budget_from_fraction,
+    check_costs,
+    check_rule,
+    check_scores,
+)
 
 _TYPES = ("head", "neuron")
 _REL_TOL = 1e-12  # gains / cost overruns below this fraction of the scale count as zero

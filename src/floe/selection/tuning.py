@@ -1,6 +1,6 @@
 """Tuning stage: layer-wise least squares for continuous mask values (paper Eq. 16-21, App. H).
 
-Layer by layer on the adapted model (DESIGN.md "Tuning stage"): the *teacher* runs with every
+Layer by layer on the adapted model (docs/method.md, "Tuning stage"): the *teacher* runs with every
 mask at 1; the *student* runs each layer on its own inputs, which flow through the already-tuned
 earlier layers (and, for the FFN, through this layer's tuned attention). For a sublayer ``l``
 (attention or FFN) with units ``u`` (heads or neurons) the residual output is affine in the
