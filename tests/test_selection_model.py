@@ -65,7 +65,7 @@ def adapted_model(arch: str = "llama", seed: int = 0, dtype=torch.float32, **ove
     apply_moe_lora(model, MoELoraConfig(r=4, num_experts=2, dropout=0.0))
     g = torch.Generator().manual_seed(seed + 2)
     for name, p in model.named_parameters():
-        if name.endswith("lora_B"):
+        if ".lora_B." in name:
             p.data.normal_(0.0, 0.2, generator=g)
     return model.to(dtype).eval()
 
@@ -331,7 +331,7 @@ def test_adapter_gradient_scorers_equal_a_per_batch_loop():
     for b, batch in enumerate(batches):
         for li, layer in enumerate(layers):
             params = [p for n, p in layer.named_parameters() if "lora_" in n or "router" in n]
-            bs = [p for n, p in layer.named_parameters() if n.endswith("lora_B")]
+            bs = [p for n, p in layer.named_parameters() if ".lora_B." in n]
             for p in params:
                 p.requires_grad_(True)
             model.zero_grad()
@@ -455,7 +455,7 @@ def test_nan_gradients_are_reported_with_the_stage_and_batch():
     model = adapted_model("llama")
     _, layers = decoder_layers(model)
     with torch.no_grad():
-        layers[3].mlp.down_proj.lora_B[0, 0, 0] = float("nan")  # adapter only: the base model is fine
+        layers[3].mlp.down_proj.lora_B["default"].weight[0, 0] = float("nan")  # adapter only: the base model is fine
     with pytest.raises(SelectionError, match="Fisher \\(adapted model\\): batch 0 gave a non-finite"):
         select_layers(model, None, make_batches(2), SelectionConfig())
 
