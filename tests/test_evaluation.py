@@ -291,9 +291,10 @@ def test_floe_eval_command_writes_eval_json_and_matches_the_api(tmp_path, capsys
     base_argv = ["eval", "--model", str(model_dir), "--data", str(data), "--split", "test",
                  "--metrics", "loss,generate", "--max-new-tokens", "3", "--no-progress"]
 
-    def run(argv):
-        args = parser.parse_args(argv)
-        return args.func(args)
+    def run(argv):  # through floe.cli.main: the one error handler every command shares
+        from floe.cli import main
+
+        return main(argv)
 
     assert run(base_argv + ["--output", str(tmp_path / "base")]) == 0
     base = json.loads((tmp_path / "base" / "eval.json").read_text())

@@ -184,3 +184,36 @@ def test_report_pools_seeds_into_mean_and_std():
 
     assert _mean_std([1.0, 2.0, 3.0]) == "2.0000 ± 1.0000"
     assert _mean_std([0.5]) == "0.5000" and _mean_std([]) == "-"
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_peft_baselines_train_exactly_their_parameters(method, tmp_path):
+    from floe.adapters.moe_lora import AdapterSettings
+    from floe.pipeline.baselines import attach_peft
+    from floe.training import TrainConfig, train
+
+    model = tiny_model("llama")  # hidden 32, intermediate 48
+    attach_peft(model, method, AdapterSettings(r=2, num_experts=1), None, total_steps=2, seed=0)
+    per_module = {"gate_proj": (32, 48), "up_proj": (32, 48), "down_proj": (48, 32)}
+    by_hand = sum(2 * (d_in + d_out) + (d_out if method == "dora" else 0) for d_in, d_out in per_module.values())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 4 * by_hand
+    res = train(model, make_tokenizer(), tokenized(8, tmp_path), None,
+                TrainConfig(output_dir=str(tmp_path / method), max_steps=2, batch_size=4, report_to=[],
+                            progress_bar=False, learning_rate=1e-2))
+    assert res.trainable_params == 4 * by_hand and (tmp_path / method / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_peft_baselines_run_in_the_pipeline_and_evaluate_from_a_cached_stage(finished_run):
+    tmp, _, _ = finished_run
+    shared = {"output_dir": str(tmp / "peft"), "stage_root": str(tmp / "run" / "stages"), "compare": ["adalora"]}
+    first = run(_config(tmp, method="lora", **shared), log=lambda s: None)
+    log: list[str] = []
+    import shutil
+
+    eval_dirs = [v["dir"] for k, v in first["stages"].items() if k.endswith("/eval")]
+    for d in eval_dirs:
+        shutil.rmtree(d)  # evaluation again, from the adapters the train stages saved
+    again = run(_config(tmp, method="lora", **shared), log=log.append)
+    assert _ran(log) == ["lora/eval", "adalora/eval"]
+    for m in ("lora", "adalora"):
+        assert again["methods"][m]["scores"]["test_loss"] == pytest.approx(first["methods"][m]["scores"]["test_loss"], abs=1e-5)

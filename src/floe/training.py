@@ -28,15 +28,15 @@ from floe.adapters.moe_lora.model import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     adapter_config,
-    adapter_state_dict,
     load_adapter,
     moe_lora_modules,
     peft_model,
+    read_weights,
     router_aux_loss,
     save_adapter,
 )
 from floe.errors import InputError
-from floe.io import atomic_write_text
+from floe.io import atomic_dir, atomic_write_text, share_tree
 
 logger = logging.getLogger("floe.training")
 
@@ -165,7 +165,7 @@ class MoELoraTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        coef = adapter_config(self.accelerator.unwrap_model(model)).router_aux_loss_coef
+        coef = _router_aux_coef(self.accelerator.unwrap_model(model))
         if coef > 0 and model.training:
             aux = router_aux_loss(self.accelerator.unwrap_model(model))
             if aux is not None:
@@ -197,7 +197,9 @@ class _RunRecord(TrainerCallback):
         if state.is_world_process_zero:
             record = {"step": state.global_step, "initial_eval_loss": self.initial_eval_loss,
                       "train_seconds": self.seconds(), "run_config": self.run_config}
-            atomic_write_text(Path(args.output_dir) / f"checkpoint-{state.global_step}" / RECORD_FILE,
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            share_tree(folder)  # the Trainer's writers make some files private (0600)
+            atomic_write_text(folder / RECORD_FILE,
                               json.dumps(record, indent=2) + "\n")
 
 
@@ -248,11 +250,43 @@ def _has_mps() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
+def _is_moe_lora(model) -> bool:
+    return bool(moe_lora_modules(model))
+
+
+def _router_aux_coef(model) -> float:
+    return adapter_config(model).router_aux_loss_coef if _is_moe_lora(model) else 0.0
+
+
+def _adapter_settings(model) -> dict[str, Any]:
+    """The adapter's settings: MoE-LoRA's short form, or any other PEFT method's config."""
+    if _is_moe_lora(model):
+        return adapter_config(model).settings()
+    pm = peft_model(model)
+    return {k: v for k, v in pm.peft_config[pm.active_adapter].to_dict().items() if k != "revision"}
+
+
 def run_config(cfg: TrainConfig, model) -> dict[str, Any]:
     """The settings that determine a run's result: the training ones (bar ``NEUTRAL_KEYS``) and the adapter's."""
     settings = {"train": {k: v for k, v in asdict(cfg).items() if k not in NEUTRAL_KEYS},
-                "adapter": adapter_config(model).settings()}
-    return json.loads(json.dumps(settings))  # tuples -> lists, as read back from a file
+                "adapter": _adapter_settings(model)}
+    return json.loads(json.dumps(settings, default=str))  # tuples -> lists, as read back from a file
+
+
+def _save_adapter(model, folder: Path) -> None:
+    if _is_moe_lora(model):
+        save_adapter(model, folder)
+    else:  # another PEFT method (the pipeline's baselines): PEFT's own folder, written atomically
+        atomic_dir(folder, lambda tmp: peft_model(model).save_pretrained(str(tmp)))
+
+
+def _load_adapter(model, folder: Path) -> None:
+    if _is_moe_lora(model):
+        load_adapter(model, folder, trainable=True)
+    else:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(peft_model(model), read_weights(folder / "adapter_model.safetensors"))
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -344,9 +378,9 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
     from floe.data import DataCollator
 
     cfg = config or TrainConfig()
-    if not moe_lora_modules(model) or peft_model(model) is None:
-        raise ValueError("train() needs a model with MoE-LoRA layers: call floe.apply_moe_lora(model, MoELoraConfig(...)) "
-                         "or peft.get_peft_model(model, floe.MoELoraConfig(...)) first")
+    if peft_model(model) is None:
+        raise ValueError("train() needs a model with an adapter: call floe.apply_moe_lora(model, MoELoraConfig(...)) "
+                         "or peft.get_peft_model(model, floe.MoELoraConfig(...)) (any PEFT config works) first")
     if len(train_data) == 0:
         raise InputError("train() got an empty training set")
     out = Path(cfg.output_dir)
@@ -365,7 +399,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
     if finished is not None:
         logger.warning("%s holds a finished run of these settings: not training again (overwrite: true "
                        "starts afresh)", out)
-        load_adapter(model, out / "adapter", trainable=True)
+        _load_adapter(model, out / "adapter")
         return TrainResult.from_dict(finished)
     resume_from = checkpoints[0] if checkpoints else None
     record = json.loads((resume_from / RECORD_FILE).read_text()) if resume_from else {}
@@ -403,7 +437,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
         eval_losses.insert(0, (0, initial_eval))
     steady = timer.times[1:] if len(timer.times) > 1 else timer.times
     peak, kind = _peak_memory()
-    trainable = sum(p.numel() for p in adapter_state_dict(model).values())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result = TrainResult(
         steps=trainer.state.global_step,
         train_losses=train_losses,
@@ -421,7 +455,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
     )
     if trainer.args.should_save:
         adapter_dir = out / "adapter"
-        save_adapter(model, adapter_dir)
+        _save_adapter(model, adapter_dir)
         result.adapter_dir = str(adapter_dir)
         atomic_write_text(out / METRICS_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
     return result

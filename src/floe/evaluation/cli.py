@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,14 +159,8 @@ def _describe() -> list[str]:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Entry point of ``floe eval`` (returns the exit status)."""
-    from floe.errors import InputError
-
     if getattr(args, "print_config", False):
         print("\n".join(_describe()))
         return 0
-    try:
-        run_job(job_from(args))
-    except InputError as e:  # bad config, data, model, adapter or missing optional package: nothing written
-        print(f"floe eval: error: {e}", file=sys.stderr)
-        return 2
+    run_job(job_from(args))  # input errors (InputError) are reported by floe.cli.main, the one handler
     return 0

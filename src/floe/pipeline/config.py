@@ -19,6 +19,9 @@ METHODS: dict[str, tuple[bool, str]] = {
     "last": (True, "MoE-LoRA on the k top layers"),
     "spread": (True, "MoE-LoRA on k evenly spaced layers"),
     "lisa": (True, "MoE-LoRA on every layer, k drawn layers trainable, redrawn every lisa_interval steps"),
+    "lora": (False, "PEFT LoRA of rank r on every layer's targets"),
+    "dora": (False, "PEFT DoRA of rank r on every layer's targets"),
+    "adalora": (False, "PEFT AdaLoRA, initial rank 1.5r pruned to an average of r"),
 }
 
 

@@ -59,6 +59,14 @@ class _Run:
         adapter = dataclasses.replace(self.cfg.adapter, layers=layers, base_model_name_or_path=self.cfg.model.name)
         apply_moe_lora(model, adapter, seed=self.cfg.seed)
 
+    def total_steps(self) -> int:
+        """Optimizer steps of the final training (AdaLoRA's schedule needs them up front)."""
+        t = self.cfg.train
+        if t.max_steps > 0:
+            return t.max_steps
+        per_epoch = -(-len(self.train_ds) // (t.batch_size * t.gradient_accumulation_steps))
+        return max(1, int(per_epoch * t.num_epochs))
+
     def train_config(self, folder: Path, **overrides):
         return dataclasses.replace(self.cfg.train, output_dir=str(folder), seed=self.cfg.seed, overwrite=False,
                                    resume=True, **overrides)
@@ -117,17 +125,25 @@ class _Run:
         return choose[method]() if method in choose else None
 
     def train(self, method: str, layers: list[int] | None) -> Stage:
+        from floe.pipeline.baselines import PEFT_METHODS, AdaLoraSchedule, attach_peft
         from floe.pipeline.lisa import LisaCallback
         from floe.training import train
 
         lisa = method == "lisa"
-        inputs = {**self.common, "layers": layers, **({"lisa": [self.cfg.k, self.cfg.lisa_interval]} if lisa else {})}
+        inputs = {**self.common, "layers": layers, **({"lisa": [self.cfg.k, self.cfg.lisa_interval]} if lisa else {}),
+                  **({"peft": method} if method in PEFT_METHODS else {})}
         stage = Stage("train", inputs, self.root)
 
         def work(folder: Path) -> dict[str, Any]:
             model = self.base_model()
-            self.attach(model, layers)
-            callbacks = [LisaCallback(model, self.cfg.k, self.cfg.lisa_interval, self.cfg.seed)] if lisa else []
+            callbacks = []
+            if method in PEFT_METHODS:
+                attach_peft(model, method, self.cfg.adapter, layers, self.total_steps(), self.cfg.seed)
+                callbacks = [AdaLoraSchedule(model)] if method == "adalora" else []
+            else:
+                self.attach(model, layers)
+            if lisa:
+                callbacks = [LisaCallback(model, self.cfg.k, self.cfg.lisa_interval, self.cfg.seed)]
             adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in model.parameters())
             per_step = adapter * self.cfg.k // self.num_layers if lisa else adapter
@@ -143,6 +159,7 @@ class _Run:
 
     def evaluate(self, method: str, trained: Stage) -> dict[str, Any]:
         from floe.evaluation import evaluate
+        from floe.pipeline.baselines import PEFT_METHODS
 
         stage = Stage("eval", {"train": trained.fingerprint, "eval": to_dict(self.cfg.eval),
                                "data": to_dict(self.cfg.data)}, self.root)
@@ -151,7 +168,12 @@ class _Run:
             model = self.trained.get(method)
             if model is None:  # trained in an earlier process: its adapter is in the stage folder
                 model = self.base_model()
-                load_adapter(model, trained.dir / "adapter")
+                if method in PEFT_METHODS:
+                    from peft import PeftModel
+
+                    PeftModel.from_pretrained(model, str(trained.dir / "adapter"))  # injects in place
+                else:
+                    load_adapter(model, trained.dir / "adapter")
             result = evaluate(model, self.tokenizer, self.cfg.data.source, self.cfg.eval, data=self.cfg.data)
             atomic_write_text(folder / "eval.json", json.dumps(result, indent=2, default=str) + "\n")
             return headline(result)
