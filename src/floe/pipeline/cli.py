@@ -8,7 +8,7 @@ from floe.cli import COMMON_FLAGS
 
 RUN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     **COMMON_FLAGS,
-    "--method": ("method", {"help": "moe_lora | floe | random | first | last | spread | lisa"}),
+    "--method": ("method", {"help": "moe_lora | floe | random | first | last | spread | lisa | lora | dora | adalora"}),
     "--k": ("k", {"type": int, "help": "layers adapted (or trainable at a time, lisa)"}),
     "--seed": ("seed", {"type": int, "help": "seed of adapter init, data order, dropout and layer draws"}),
     "--r": ("adapter.r", {"type": int, "help": "LoRA rank"}),

@@ -52,7 +52,7 @@ class RunConfig:
     """``floe run``: train one method on one data set, evaluate it, and record everything."""
 
     method: str = "floe"
-    """moe_lora | floe | random | first | last | spread | lisa (see `floe run --help`)."""
+    """moe_lora | floe | random | first | last | spread | lisa | lora | dora | adalora (see `floe run --help`)."""
     k: int = 8
     """Layers adapted (floe, random, first, last, spread) or trainable at a time (lisa)."""
     seed: int = 41
