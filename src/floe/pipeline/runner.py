@@ -39,6 +39,8 @@ class _Run:
             if METHODS[method][0]:
                 L.check_k(cfg.k, self.num_layers)
         self.train_ds, self.val_ds = load_splits(cfg.data, self.tokenizer)
+        log(f"[floe] data {cfg.data.source}: {len(self.train_ds)} training / {len(self.val_ds)} validation examples "
+            f"(after skipping over-long ones); {self.num_layers} decoder layers")
         self.root = Path(cfg.stage_root or Path(cfg.output_dir) / "stages")
         self.trained: dict[str, Any] = {}  # method → model trained in this process
         self.stages: dict[str, dict[str, Any]] = {}  # "method/stage" → what run.json records
