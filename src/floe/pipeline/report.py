@@ -7,6 +7,7 @@ each FLoE selection) are PNGs beside report.md and embedded as base64 in report.
 from __future__ import annotations
 
 import base64
+import shutil
 import html
 import json
 import statistics
@@ -31,6 +32,12 @@ def load_runs(run_dirs: list[str]) -> list[dict[str, Any]]:
     return runs
 
 
+def _stage_dir(run: dict[str, Any], recorded: str) -> Path:
+    """A stage folder as recorded (relative to where `floe run` ran), else inside the run's own stages/."""
+    path = Path(recorded)
+    return path if path.exists() else Path(run["dir"]) / "stages" / path.name
+
+
 def rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (run, method): the group key, the seed and every number the report shows."""
     out = []
@@ -49,7 +56,8 @@ def rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "select_seconds": (select["seconds"] + run["stages"]["warmup"]["seconds"]) if (
                     method == "floe" and select) else None,
                 "final_eval_loss": m["final_eval_loss"], "eval_losses": m["eval_losses"], **m["scores"],
-                "heatmap": str(Path(select["dir"]) / "layer_importance.png") if (method == "floe" and select) else None,
+                "heatmap": str(_stage_dir(run, select["dir"]) / "layer_importance.png") if (
+                    method == "floe" and select) else None,
             })
     return out
 
@@ -140,8 +148,9 @@ def write_report(run_dirs: list[str], output: str | Path) -> list[Path]:
         p = _plot_vs_k(rs, out / f"{metric}_vs_k.png", metric)
         if p:
             figures.append((f"{metric} against the number of adapted layers", p))
-    figures += [(f"Layer importance ({r['dir']}, seed {r['seed']})", Path(r["heatmap"]))
-                for r in rs if r["heatmap"] and Path(r["heatmap"]).is_file()]
+    for i, r in enumerate(r for r in rs if r["heatmap"] and Path(r["heatmap"]).is_file()):
+        copy = atomic_file(out / f"layer_importance_{i}.png", lambda tmp, src=r["heatmap"]: shutil.copyfile(src, tmp))
+        figures.append((f"Layer importance ({r['dir']}, seed {r['seed']})", copy))
     layers = "\n".join(f"- {r['method']} (seed {r['seed']}, {r['dir']}): "
                        f"{'all layers' if r['layers'] is None else r['layers']}" for r in rs)
     md = ["# FLoE run report", "", f"Runs: {', '.join(run_dirs)}", "",

@@ -237,7 +237,7 @@ def run(config: RunConfig, log: Log = print) -> dict[str, Any]:
     summary = {"config": to_dict(config), "fingerprint": fingerprint(to_dict(config)), "method": config.method,
                "methods": methods, "stages": r.stages, "num_layers": r.num_layers, "versions": _versions()}
     atomic_write_text(Path(config.output_dir) / "run.json", json.dumps(summary, indent=2, default=str) + "\n")
-    log(format_summary(summary))
+    log("\n" + format_summary(summary))  # on its own line after a progress bar's carriage return
     return summary
 
 
