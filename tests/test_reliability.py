@@ -19,7 +19,7 @@ from conftest import make_tokenizer, tiny_model
 from floe.adapters.moe_lora import MoELoraConfig, adapter_state_dict, apply_moe_lora
 from floe.cli import main
 from floe.training import RECORD_FILE, TrainConfig, train
-from train_helpers import save_tiny_model_folder, tokenized, write_alpaca_jsonl
+from train_helpers import Killed, KillAfter, save_tiny_model_folder, tokenized, write_alpaca_jsonl
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -199,19 +199,6 @@ def test_a_run_with_other_settings_in_the_same_folder_writes_nothing(tiny_job, t
     assert json.loads((out / "train_metrics.json").read_text())["run_config"]["adapter"]["r"] == 3
 
 
-class _Killed(Exception):
-    pass
-
-
-class _KillAfter(TrainerCallback):
-    """Dies as a killed process would: after step ``step`` and its checkpoint, before the next step."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_begin(self, args, state, control, **kw):
-        if state.global_step >= self.step:
-            raise _Killed
 
 
 def _fresh_model():
@@ -229,8 +216,8 @@ def _cfg(out: Path, **kw) -> TrainConfig:
 def test_resume_keeps_the_untrained_loss_history_and_time(tmp_path):
     data, tok = tokenized(24, tmp_path), make_tokenizer()
     straight = train(_fresh_model(), tok, data, data, _cfg(tmp_path / "straight"))
-    with pytest.raises(_Killed):
-        train(_fresh_model(), tok, data, data, _cfg(tmp_path / "resumed"), callbacks=[_KillAfter(4)])
+    with pytest.raises(Killed):
+        train(_fresh_model(), tok, data, data, _cfg(tmp_path / "resumed"), callbacks=[KillAfter(4)])
     first_part = json.loads((tmp_path / "resumed" / "checkpoint-4" / RECORD_FILE).read_text())
     res = train(_fresh_model(), tok, data, data, _cfg(tmp_path / "resumed"))
     assert res.initial_eval_loss == straight.initial_eval_loss is not None
@@ -245,8 +232,8 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_ends_as_an_uninterru
     data, tok = tokenized(24, tmp_path), make_tokenizer()
     ref = _fresh_model()
     train(ref, tok, data, None, _cfg(tmp_path / "straight"))
-    with pytest.raises(_Killed):
-        train(_fresh_model(), tok, data, None, _cfg(tmp_path / "resumed"), callbacks=[_KillAfter(6)])
+    with pytest.raises(Killed):
+        train(_fresh_model(), tok, data, None, _cfg(tmp_path / "resumed"), callbacks=[KillAfter(6)])
     (tmp_path / "resumed" / "checkpoint-6" / "trainer_state.json").unlink()  # a save cut short
     again = _fresh_model()
     with caplog.at_level("WARNING", logger="floe.training"):

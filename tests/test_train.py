@@ -7,12 +7,11 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from transformers import TrainerCallback
 
 from conftest import make_tokenizer, tiny_model
 from floe.adapters.moe_lora import MoELoraConfig, adapter_state_dict, apply_moe_lora, load_adapter
 from floe.training import TrainConfig, train
-from train_helpers import tokenized
+from train_helpers import Killed, KillAfter, tokenized
 
 
 def _cfg(out: Path, **kw) -> TrainConfig:
@@ -45,19 +44,6 @@ def test_training_lowers_validation_loss_and_saves_only_the_adapter(tmp_path):
     assert (tmp_path / "run" / "train_metrics.json").is_file()
 
 
-class _Killed(Exception):
-    pass
-
-
-class _KillAfter(TrainerCallback):
-    """Dies as a killed process would: after step ``step`` (and its checkpoint), before the next one."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_begin(self, args, state, control, **kw):
-        if state.global_step >= self.step:
-            raise _Killed
 
 
 @pytest.mark.parametrize("how", ["apply_moe_lora", "get_peft_model"])
@@ -78,8 +64,8 @@ def test_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp
     train(ref, tok, data, None, _cfg(tmp_path / "straight"))
     # "killed" after step 8 (checkpoint at 8), then started again with the same config
     part = fresh()
-    with pytest.raises(_Killed):
-        train(part, tok, data, None, _cfg(tmp_path / "resumed", save_steps=4), callbacks=[_KillAfter(8)])
+    with pytest.raises(Killed):
+        train(part, tok, data, None, _cfg(tmp_path / "resumed", save_steps=4), callbacks=[KillAfter(8)])
     assert (tmp_path / "resumed" / "checkpoint-8" / "adapter_model.safetensors").is_file()
     again = fresh()
     res = train(again, tok, data, None, _cfg(tmp_path / "resumed", save_steps=4))

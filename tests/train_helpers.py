@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from conftest import make_tokenizer, tiny_model
 
 QA = [
@@ -36,3 +38,18 @@ def save_tiny_model_folder(path: Path, arch: str = "llama") -> Path:
     model.save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path
+
+
+class Killed(Exception):
+    """What ``KillAfter`` raises: stands for the process being killed."""
+
+
+class KillAfter(TrainerCallback):
+    """Dies as a killed process would: after step ``step`` and its checkpoint, before the next step."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step >= self.step:
+            raise Killed
