@@ -92,3 +92,12 @@ def make_tokenizer() -> transformers.PreTrainedTokenizerFast:
 @pytest.fixture
 def tokenizer() -> transformers.PreTrainedTokenizerFast:
     return make_tokenizer()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest single-threaded on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

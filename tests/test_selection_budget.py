@@ -20,12 +20,7 @@ from floe.selection.refinement import refine_block, refine_paper
 REL = 1e-9
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _instance(seed: int, layers: int = 4, heads: int = 3, neurons: int = 8, rows: int = 5):

@@ -17,12 +17,7 @@ from floe.selection.refinement import refine_paper
 from floe.selection.score import layer_scores, rank_layers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _base(module):

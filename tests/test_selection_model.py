@@ -34,13 +34,7 @@ from floe.selection.scorers import adapter_gradient_stats
 from floe.selection.stability import plot_stability, stability_analysis, subsample_indices
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_batches(n: int = 3, batch: int = 2, seq: int = 12, seed: int = 0, vocab: int = 320) -> list[dict]:

@@ -21,12 +21,7 @@ from floe.selection import SelectionConfig, select_layers
 REDUNDANT, ESSENTIAL = {1, 2}, {0, 3}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 _PERM = torch.randperm(32, generator=torch.Generator().manual_seed(0)) + 3

@@ -4,9 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import TrainerCallback
-
 from conftest import make_tokenizer, tiny_model
+from transformers import TrainerCallback
 
 QA = [
     ("What is the capital of France?", "Paris."),
