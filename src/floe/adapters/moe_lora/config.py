@@ -12,7 +12,7 @@ import torch.nn as nn
 from peft import LoraConfig
 
 from floe.adapters.moe_lora.peft_hook import FLOE_PEFT_TYPE, register
-from floe.adapters.moe_lora.settings import DEFAULT_TARGETS
+from floe.adapters.moe_lora.settings import DEFAULT_TARGETS, adapter_problems
 # Keys that only a MoE-LoRA adapter has; an M = 1 adapter is saved without them (plain LoRA).
 FLOE_ONLY_KEYS = ("num_experts", "router_aux_loss_coef", "alpha", "dropout", "layers", "extra")
 
@@ -55,21 +55,8 @@ class MoELoraConfig(LoraConfig):
             self.layers_to_transform = sorted({int(i) for i in self.layers_to_transform})
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
-        problems = []
-        if not isinstance(self.r, int) or self.r < 1:
-            problems.append(f"r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
-            problems.append(f"num_experts must be a positive integer, got {self.num_experts!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if float(self.lora_alpha) <= 0:
-            problems.append(f"alpha must be positive, got {self.lora_alpha!r}")
-        if not self.target_modules:
-            problems.append("target_modules is empty: name at least one module, e.g. ('gate_proj', 'up_proj', 'down_proj')")
-        if self.layers_to_transform is not None and (len(self.layers_to_transform) == 0 or min(self.layers_to_transform) < 0):
-            problems.append(f"layers must be None (all) or a non-empty list of layer indices >= 0, got {self.layers_to_transform!r}")
-        if self.router_aux_loss_coef < 0:
-            problems.append(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef!r}")
+        problems = adapter_problems(self.r, self.num_experts, self.lora_alpha, self.lora_dropout, self.target_modules,
+                                    self.layers_to_transform, self.router_aux_loss_coef)
         if problems:
             raise ValueError("invalid MoELoraConfig: " + "; ".join(problems))
         super().__post_init__()

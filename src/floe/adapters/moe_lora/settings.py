@@ -10,6 +10,27 @@ if TYPE_CHECKING:
 DEFAULT_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
 
+def adapter_problems(r, num_experts, alpha, dropout, target_modules, layers, router_aux_loss_coef) -> list[str]:
+    """What is wrong with these MoE-LoRA hyperparameters (empty when nothing): the one check that
+    both ``AdapterSettings`` and ``MoELoraConfig`` run."""
+    problems = []
+    if not isinstance(r, int) or r < 1:
+        problems.append(f"r must be a positive integer, got {r!r}")
+    if not isinstance(num_experts, int) or num_experts < 1:
+        problems.append(f"num_experts must be a positive integer, got {num_experts!r}")
+    if not 0.0 <= float(dropout) < 1.0:
+        problems.append(f"dropout must be in [0, 1), got {dropout!r}")
+    if float(alpha) <= 0:
+        problems.append(f"alpha must be positive, got {alpha!r}")
+    if not target_modules:
+        problems.append("target_modules is empty: name at least one module, e.g. ('gate_proj', 'up_proj', 'down_proj')")
+    if layers is not None and (len(layers) == 0 or min(layers) < 0):
+        problems.append(f"layers must be None (all) or a non-empty list of layer indices >= 0, got {layers!r}")
+    if router_aux_loss_coef < 0:
+        problems.append(f"router_aux_loss_coef must be >= 0, got {router_aux_loss_coef!r}")
+    return problems
+
+
 @dataclass
 class AdapterSettings:
     """Where and how MoE-LoRA is attached (a job's ``adapter:`` section). Defaults follow the paper's Table 6."""
@@ -37,21 +58,8 @@ class AdapterSettings:
         self.target_modules = tuple(self.target_modules)
         if self.layers is not None:
             self.layers = sorted({int(i) for i in self.layers})
-        problems = []
-        if not isinstance(self.r, int) or self.r < 1:
-            problems.append(f"r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
-            problems.append(f"num_experts must be a positive integer, got {self.num_experts!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if float(self.alpha) <= 0:
-            problems.append(f"alpha must be positive, got {self.alpha!r}")
-        if not self.target_modules:
-            problems.append("target_modules is empty: name at least one module, e.g. ('gate_proj', 'up_proj', 'down_proj')")
-        if self.layers is not None and (len(self.layers) == 0 or min(self.layers) < 0):
-            problems.append(f"layers must be None (all) or a non-empty list of layer indices >= 0, got {self.layers!r}")
-        if self.router_aux_loss_coef < 0:
-            problems.append(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef!r}")
+        problems = adapter_problems(self.r, self.num_experts, self.alpha, self.dropout, self.target_modules,
+                                    self.layers, self.router_aux_loss_coef)
         if problems:
             raise ValueError("invalid adapter settings: " + "; ".join(problems))
 
