@@ -14,7 +14,7 @@ import huggingface_hub.constants as hub_constants
 import pytest
 
 from conftest import tiny_model
-from floe import cache, models
+from floe import builtin_models, cache, models
 from floe.cache import FetchError
 from floe.data import bigbench
 from floe.errors import InputError
@@ -144,7 +144,7 @@ def test_floe_fetch_downloads_even_when_offline_is_set_and_then_offline_runs_nee
         tok = copy.deepcopy(tokenizer)
         return tiny_model("llama", tie_word_embeddings=True, eos_token_id=0), tok
 
-    monkeypatch.setattr(models, "_load_gguf", fake_gguf)
+    monkeypatch.setattr(builtin_models, "_load_gguf", fake_gguf)
     monkeypatch.setenv("FLOE_OFFLINE", "1")
     got = fetch(log=lambda s: None)
     assert set(got) == {"model", "bigbench"} and len(calls) == 2
