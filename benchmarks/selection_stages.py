@@ -6,7 +6,7 @@
 Trains the warm-up adapter (full-layer MoE-LoRA, one epoch over the selection data; or reuses
 ``--adapter`` with the epoch time from its ``train_metrics.json``), then runs
 :func:`floe.select_layers` on the same examples in the same batch size and prints the seconds
-of each stage (Taylor, Fisher, search = Alg. 1, refinement = Alg. 2, tuning) and its share of
+of each stage (Taylor, Fisher, mask_search = Alg. 1, refinement = Alg. 2, tuning) and its share of
 the epoch. Results go to ``<output>/selection_stages.json``.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-STAGES = ("taylor", "fisher", "search", "refinement", "tuning")
+STAGES = ("taylor", "fisher", "mask_search", "refinement", "tuning")
 
 
 def main() -> None:

@@ -92,8 +92,10 @@ def main() -> None:
     from floe.adapters import adapters_disabled, load_adapter
     from floe.data import DataCollator, iter_batches, load_data
     from floe.models import load_model
-    from floe.selection.api import SelectionConfig, _floe_pipeline
-    from floe.selection.importance import mask_gradients, masked_losses, weight_taylor
+    from floe.selection import SelectionConfig
+    from floe.selection.importance import mask_gradients, masked_losses
+    from floe.selection.stages import run_stages
+    from floe.selection.taylor import weight_taylor
 
     model, tokenizer = load_model(args.model)
     load_adapter(model, args.adapter, trainable=True)
@@ -155,7 +157,7 @@ def main() -> None:
     print(f"[bench] per-unit Spearman: {unit_corr}", flush=True)
 
     from floe.selection.determination import determine, repair_budget
-    from floe.selection.score import rank_layers, top_k
+    from floe.selection.layer_score import rank_layers, top_k
 
     base_sel = float(grads["fisher_example"].loss.mean())
     base_held = float(masked_losses(model, heldout).mean())
@@ -175,7 +177,7 @@ def main() -> None:
     for name, (kw, fisher_key, taylor_key, measured) in variants.items():
         cfg = SelectionConfig(budget=args.budget, top_k=args.top_k, **kw)
         t = time.perf_counter()
-        outcome = _floe_pipeline(model, selection, grads[fisher_key], grads[taylor_key], cfg, None)
+        outcome = run_stages(model, selection, grads[fisher_key], grads[taylor_key], cfg, None)
         ranking = rank_layers(outcome.scores)
         stages = _summary(outcome)
         if measured:

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from floe.selection.determination import MaskSet, determine
+from floe.selection.determination import determine
+from floe.selection.layer_score import fisher_share, layer_scores, rank_layers, top_k
 from floe.selection.lstsq import RidgeSolveError, ridge_solve, solve_towards_one
-from floe.selection.refinement import block_objective, refine_block as refine
-from floe.selection.score import fisher_share, layer_scores, rank_layers, top_k
+from floe.selection.masks import MaskSet
+from floe.selection.refine_block import block_objective, refine_block as refine
 
 RULES = ("paper", "kwon", "fisher_top")
 

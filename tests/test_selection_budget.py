@@ -14,8 +14,10 @@ from test_selection_model import adapted_model, make_batches
 from floe.adapters import adapters_disabled
 from floe.arch import decoder_layers
 from floe.selection import SelectionConfig, select_layers, weight_taylor
-from floe.selection.determination import RULES, MaskSet, determine, repair_budget
-from floe.selection.refinement import refine_block, refine_paper
+from floe.selection.determination import RULES, determine, repair_budget
+from floe.selection.masks import MaskSet
+from floe.selection.refine_block import refine_block
+from floe.selection.refinement import refine_paper
 
 REL = 1e-9
 
@@ -147,7 +149,7 @@ def test_select_layers_reports_every_stage_within_budget_with_the_true_masked_lo
 
 
 def test_negative_tuned_masks_are_counted_and_clamped_in_the_score():
-    from floe.selection.score import layer_scores
+    from floe.selection.layer_score import layer_scores
 
     masks = MaskSet(torch.tensor([[True, False]]), torch.tensor([[False, False, True]]))
     tuned_h, tuned_n = torch.tensor([[0.0, -0.5]]), torch.tensor([[2.0, -1.0, 0.0]])

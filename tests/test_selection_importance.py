@@ -13,8 +13,8 @@ from floe.adapters import adapters_disabled
 from floe.arch import decoder_layers, geometry
 from floe.selection import MaskHooks, mask_gradients, weight_taylor
 from floe.selection.determination import determine, repair_budget
+from floe.selection.layer_score import layer_scores, rank_layers
 from floe.selection.refinement import refine_paper
-from floe.selection.score import layer_scores, rank_layers
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

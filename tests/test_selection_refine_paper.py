@@ -11,7 +11,8 @@ from collections import deque
 import pytest
 import torch
 
-from floe.selection.determination import RULES, MaskSet, determine, repair_budget
+from floe.selection.determination import RULES, determine, repair_budget
+from floe.selection.masks import MaskSet
 from floe.selection.refinement import refine_paper
 
 REL = 1e-9

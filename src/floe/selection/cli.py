@@ -121,19 +121,14 @@ def _job(args: argparse.Namespace) -> SelectJob:
 
 
 def _init_distributed():
-    """Initialise torch.distributed under torchrun/accelerate when it is not yet; returns the device."""
+    """The device of this process; under torchrun/accelerate launch accelerate initialises
+    torch.distributed (:func:`floe.distributed.state`)."""
     import torch
-    import torch.distributed as dist
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+    from floe.distributed import state
+
+    st = state()
+    return st.device if torch.cuda.is_available() else torch.device("cpu")
 
 
 def format_table(sel: Selection) -> str:
@@ -212,14 +207,12 @@ def run_select(args: argparse.Namespace) -> int:
 
 
 def _run(job: SelectJob) -> int:
-    import torch.distributed as dist
-
     from floe.adapters.moe_lora import read_adapter_config
     from floe.config import to_dict
     from floe.data import DataCollator, iter_batches, load_data
+    from floe.distributed import rank_and_world, wait_for_everyone
     from floe.models import ModelUnavailableError, load_model
     from floe.selection.api import select_layers
-    from floe.selection.importance import dist_info
 
     adapter_dir = Path(job.adapter_dir)
     if not adapter_dir.is_dir():
@@ -227,7 +220,7 @@ def _run(job: SelectJob) -> int:
                           "`floe train` (<output_dir>/adapter)")
     adapter_cfg = read_adapter_config(adapter_dir)  # AdapterError when it is not an adapter folder
     device = _init_distributed()
-    rank, world = dist_info()
+    rank, world = rank_and_world()
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
         model, tokenizer = load_model(job.model.name, dtype=job.model.dtype, device=device)
@@ -254,6 +247,5 @@ def _run(job: SelectJob) -> int:
         for fb in sel.diagnostics.get("tuning_fallbacks", []):
             print(f"[floe] tuning fallback: {fb}")
         print("[floe] wrote " + ", ".join(str(p) for p in written))
-    if world > 1:
-        dist.barrier()
+    wait_for_everyone()
     return 0

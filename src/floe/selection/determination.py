@@ -31,60 +31,15 @@ first; ties between ``n`` values keep the smallest ``n``, as the loop's strict `
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
+
+from floe.selection.masks import MaskSet
 
 RULES = ("paper", "kwon", "fisher_top")
 
 # Guards floor((C - n t_h) / t_f) against an exact multiple landing just below an integer.
 _FLOOR_EPS = 1e-9
-
-
-@dataclass(frozen=True, eq=False)
-class MaskSet:
-    """Masked units (``True`` = mask variable set to 0).
-
-    ``masked_head``: ``(L, H)`` bool; ``masked_neuron``: ``(L, F)`` bool. ``diagnostics`` holds
-    what the stage that produced the set wants to report (JSON-friendly scalars).
-    """
-
-    masked_head: torch.Tensor
-    masked_neuron: torch.Tensor
-    diagnostics: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    def __post_init__(self) -> None:
-        for name in ("masked_head", "masked_neuron"):
-            t = getattr(self, name)
-            if not isinstance(t, torch.Tensor) or t.dtype != torch.bool or t.dim() != 2:
-                raise ValueError(f"MaskSet.{name} must be a 2-D bool tensor (layers, units); "
-                                 f"got {type(t).__name__} {getattr(t, 'dtype', '')} "
-                                 f"{tuple(getattr(t, 'shape', ()))}")
-        if self.masked_head.shape[0] != self.masked_neuron.shape[0]:
-            raise ValueError(f"MaskSet layer counts differ: heads {tuple(self.masked_head.shape)}"
-                             f" vs neurons {tuple(self.masked_neuron.shape)}")
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.masked_head.shape[0])
-
-    def head_mask(self) -> torch.Tensor:
-        """Float mask values ``m`` for heads: 0 where masked, 1 elsewhere, ``(L, H)``."""
-        return (~self.masked_head).to(torch.float32)
-
-    def neuron_mask(self) -> torch.Tensor:
-        """Float mask values ``m`` for neurons: 0 where masked, 1 elsewhere, ``(L, F)``."""
-        return (~self.masked_neuron).to(torch.float32)
-
-    def masked_cost(self, cost_head: torch.Tensor, cost_neuron: torch.Tensor) -> float:
-        """Total per-unit cost ``sum_{u masked} c_u``."""
-        return float(cost_head.double()[self.masked_head].sum()
-                     + cost_neuron.double()[self.masked_neuron].sum())
-
-    def counts_per_layer(self) -> tuple[list[int], list[int]]:
-        """Masked heads and masked neurons per layer."""
-        return (self.masked_head.sum(1).tolist(), self.masked_neuron.sum(1).tolist())
 
 
 def check_rule(rule: str) -> str:

@@ -17,103 +17,53 @@ the response tokens (``labels`` = -100 elsewhere). Then (``docs/method.md``, "Im
 
 All passes run in eval mode with the weights frozen (only the masks, or for Eq. 4 the structure
 weights, require gradients). Batches are streamed; what is kept is one ``(L, H)`` + ``(L, F)``
-float32 row per batch or example on the CPU. Under ``torchrun``/``accelerate launch``
-(``torch.distributed`` initialised) process ``r`` of ``W`` takes batches ``i ≡ r (mod W)`` and
-the rows are all-gathered back into batch order, so every process ends with exactly what a
-single process computes.
+float32 row per batch or example on the CPU. Under ``torchrun``/``accelerate launch`` each
+process takes a contiguous block of the batches and the rows are gathered back into batch order
+(:mod:`floe.distributed`, on accelerate), so every process ends with exactly what a single
+process computes. Eq. 4's weight form is in :mod:`.taylor`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-from floe.arch import decoder_layers, find_child, geometry
+from floe.distributed import gather_rows, reduce_max, shard
 from floe.errors import InputError
-from floe.selection.masks import (
-    MaskHooks,
-    base_linear,
-    frozen,
-    model_device,
-    to_model_inputs,
-    unit_geometry,
-)
+from floe.selection.masks import MaskHooks, frozen, model_device, to_model_inputs
 
 
 class SelectionError(InputError):
     """Bad input to layer selection (data, adapter, configuration) or a numerical failure."""
 
 
-# ----------------------------------------------------------------------------- distribution
-
-def dist_info() -> tuple[int, int]:
-    """``(rank, world_size)``; ``(0, 1)`` when ``torch.distributed`` is not initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _comm_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def gather_batch_rows(local: torch.Tensor, num_batches: int) -> torch.Tensor:
-    """Reassemble per-batch rows computed round-robin across processes into batch order.
-
-    ``local``: ``(n_local, ...)`` rows for batches ``rank, rank + W, …``. Returns
-    ``(num_batches, ...)`` on the CPU, identical on every process. Single process: ``local``.
-    """
-    rank, world = dist_info()
-    if world == 1:
-        return local
-    per = math.ceil(num_batches / world)
-    dev = _comm_device()
-    padded = torch.zeros((per, *local.shape[1:]), dtype=local.dtype, device=dev)
-    padded[: local.shape[0]] = local.to(dev)
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    out = torch.empty((num_batches, *local.shape[1:]), dtype=local.dtype)
-    for r, part in enumerate(parts):
-        idx = torch.arange(r, num_batches, world)
-        out[idx] = part[: idx.numel()].cpu()
-    return out
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over processes (in place where possible); no-op in a single process."""
-    _, world = dist_info()
-    if world == 1:
-        return t
-    dev = _comm_device()
-    moved = t.to(dev)
-    dist.all_reduce(moved, op=dist.ReduceOp.SUM)
-    return moved.to(t.device)
-
-
-def my_batches(batches: Iterable[dict]) -> Iterable[tuple[int, dict]]:
-    """``(index, batch)`` for the batches this process handles (all of them in one process)."""
-    rank, world = dist_info()
-    for i, batch in enumerate(batches):
-        if i % world == rank:
-            yield i, batch
-
-
 def check_batch_count(n_seen: int) -> None:
     """Every process must have iterated the same number of batches."""
-    _, world = dist_info()
-    if world == 1:
-        return
-    t = torch.tensor([float(n_seen), -float(n_seen)], dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    if int(t[0]) != n_seen or int(-t[1]) != n_seen:
+    most, least = reduce_max(n_seen), -reduce_max(-n_seen)
+    if most != n_seen or least != n_seen:
         raise SelectionError(f"processes saw different numbers of batches (this one {n_seen}, range "
-                             f"{int(-t[1])}..{int(t[0])}); give every process the same data")
+                             f"{int(least)}..{int(most)}); give every process the same data")
+
+
+class BatchCounter:
+    """Counts the items an iterable yields (to learn B from a stream)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def wrap(self, items: Iterable) -> Iterable:
+        for x in items:
+            self.count += 1
+            yield x
+
+    def total(self, stage: str) -> int:
+        """``B``, checked to be the same on every process and > 0 (:class:`SelectionError` otherwise)."""
+        check_batch_count(self.count)
+        if self.count == 0:
+            raise SelectionError(f"{stage}: no batches were given")
+        return self.count
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -203,7 +153,8 @@ def _nonfinite_error(stage: str, index: int, what: str) -> SelectionError:
         "data and adapter, or load the model in float32/bfloat16.")
 
 
-def _check_rows(stage: str, grads: MaskGradients) -> None:
+def check_rows(stage: str, grads: MaskGradients) -> None:
+    """Raise :class:`SelectionError` naming the first batch with a non-finite loss or gradient."""
     for b in range(grads.num_batches):
         if not torch.isfinite(grads.loss[b]):
             raise _nonfinite_error(stage, b, "loss")
@@ -234,7 +185,7 @@ def mask_gradients(model: nn.Module, batches: Iterable[dict], *, stage: str = "m
     seen = BatchCounter()
     with frozen(model), MaskHooks(model, requires_grad=True, per_example=per_example) as hooks:
         g = hooks.geometry
-        for i, batch in (progress or (lambda x: x))(my_batches(seen.wrap(batches))):
+        for _, batch in (progress or (lambda x: x))(shard(seen.wrap(batches))):
             loss = batch_loss(model, batch, device)
             n_examples = int(batch["input_ids"].shape[0])
             if torch.isfinite(loss):
@@ -258,148 +209,28 @@ def mask_gradients(model: nn.Module, batches: Iterable[dict], *, stage: str = "m
             rows_h.append(g_head)
             rows_n.append(g_neuron)
             rows_l.append(loss.detach().float().cpu().reshape(()))
-    n_seen = seen.count
-    check_batch_count(n_seen)
-    if n_seen == 0:
-        raise SelectionError(f"{stage}: no batches were given")
-    loss = gather_batch_rows(torch.stack(rows_l) if rows_l else torch.zeros(0), n_seen)
-    if per_example:
-        grads = _gather_examples(rows_h, rows_n, rows_s, loss, n_seen, g)
+    n_seen = seen.total(stage)
+    loss = gathered_rows(rows_l)
+    if per_example:  # rows: examples, in batch order; the batch of each from the examples per batch
+        per_batch = gathered_rows([torch.tensor([r.shape[0] for r in rows_h], dtype=torch.long)], cat=True)
+        batch_of = torch.repeat_interleave(torch.arange(n_seen), per_batch)
+        grads = MaskGradients(gathered_rows(rows_h, g.num_layers, g.num_heads, cat=True),
+                              gathered_rows(rows_n, g.num_layers, g.num_neurons, cat=True), loss, batch_of,
+                              gathered_rows(rows_s, dtype=torch.float64, cat=True), "example")
     else:
-        empty = lambda *s: torch.zeros((0, *s))  # noqa: E731
-        head = gather_batch_rows(torch.stack(rows_h) if rows_h else empty(g.num_layers, g.num_heads), n_seen)
-        neuron = gather_batch_rows(torch.stack(rows_n) if rows_n else empty(g.num_layers, g.num_neurons), n_seen)
-        grads = MaskGradients(head, neuron, loss)
-    _check_rows(stage, grads)
+        grads = MaskGradients(gathered_rows(rows_h, g.num_layers, g.num_heads),
+                              gathered_rows(rows_n, g.num_layers, g.num_neurons), loss)
+    check_rows(stage, grads)
     return grads
 
 
-def _gather_examples(rows_h: list[torch.Tensor], rows_n: list[torch.Tensor], rows_s: list[torch.Tensor],
-                     loss: torch.Tensor, n_batches: int, g) -> MaskGradients:
-    """Per-example rows of this process's batches → all examples of all batches, in batch order."""
-    local_max = max((r.shape[0] for r in rows_h), default=0)
-    e_max = _all_max(local_max)
-    pad = lambda rows, *s: torch.stack([torch.cat([r, r.new_zeros((e_max - r.shape[0], *s))])  # noqa: E731
-                                        for r in rows]) if rows else torch.zeros((0, e_max, *s))
-    counts = torch.tensor([float(r.shape[0]) for r in rows_h], dtype=torch.float64)
-    head = gather_batch_rows(pad(rows_h, g.num_layers, g.num_heads), n_batches)
-    neuron = gather_batch_rows(pad(rows_n, g.num_layers, g.num_neurons), n_batches)
-    share = gather_batch_rows(pad([s.double() for s in rows_s]), n_batches)
-    counts = gather_batch_rows(counts, n_batches).long()
-    valid = torch.arange(e_max)[None, :] < counts[:, None]
-    batch_of = torch.arange(n_batches)[:, None].expand(-1, e_max)[valid]
-    return MaskGradients(head[valid], neuron[valid], loss, batch_of, share[valid], "example")
-
-
-def _all_max(value: int) -> int:
-    """The largest ``value`` over processes."""
-    _, world = dist_info()
-    if world == 1:
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-# ----------------------------------------------------------------------------- Eq. 4 Taylor cost
-
-def _structure(model: nn.Module) -> list[tuple[nn.Parameter, int, str, str]]:
-    """``(parameter, layer, unit type, how to reduce it)`` for the weights of every unit's structure
-    (LLM-Pruner's grouping): q/k/v rows and o columns for heads, gate/up rows and down columns
-    for neurons (biases of the same rows too)."""
-    _, layers = decoder_layers(model)
-    out = []
-    for k, layer in enumerate(layers):
-        for name, kind, how in (("q_proj", "head", "rows"), ("k_proj", "head", "kv_rows"),
-                                ("v_proj", "head", "kv_rows"), ("o_proj", "head", "cols"),
-                                ("gate_proj", "neuron", "rows"), ("up_proj", "neuron", "rows"),
-                                ("down_proj", "neuron", "cols")):
-            try:
-                linear = base_linear(find_child(layer, name)[1])
-            except (ValueError, TypeError) as err:
-                raise SelectionError(f"taylor: weights needs separate q/k/v/o and gate/up/down projections "
-                                     f"in every decoder layer ({err}); use taylor: mask for this model") from err
-            out.append((linear.weight, k, kind, how))
-            if linear.bias is not None and how != "cols":
-                out.append((linear.bias, k, kind, how))
-    return out
-
-
-def _reduce(a: torch.Tensor, how: str, unit_size: int, group: int) -> torch.Tensor:
-    """Per-unit sums of ``a = |θ · ∂L/∂θ|`` (rows: first dimension, cols: second)."""
-    per_feature = a.sum(1) if how != "cols" and a.dim() == 2 else (a.sum(0) if how == "cols" else a)
-    per_unit = per_feature.reshape(-1, unit_size).sum(1)
-    if how == "kv_rows":  # each of the `group` query heads reading this kv head gets an equal share
-        per_unit = per_unit.repeat_interleave(group) / group
-    return per_unit
-
-
-def weight_taylor(model: nn.Module, batches: Iterable[dict], *, stage: str = "Taylor cost (Eq. 4)",
-                  progress: Callable[[Iterable], Iterable] | None = None) -> MaskGradients:
-    """Eq. 4 per unit, per batch: ``c[b, u] = Σ_{i ∈ structure(u)} |θ_i · ∂L_b/∂θ_i|``.
-
-    Structure (LLM-Pruner): a neuron's ``gate_proj``/``up_proj`` rows and ``down_proj`` column;
-    a query head's ``q_proj`` rows and ``o_proj`` columns plus ``1/G`` of the ``k_proj``/``v_proj``
-    rows of the kv head it reads (G query heads per kv head). Run it on the base model (under
-    :func:`floe.adapters.adapters_disabled`). One backward pass per batch; each weight's gradient
-    is reduced to per-unit sums by a hook as soon as it is accumulated and then freed, so at most
-    one weight's gradient exists at a time (a 7B model never holds its whole gradient). Returns the
-    per-batch rows as a :class:`MaskGradients` whose ``taylor()`` sums them over batches.
-    """
-    device = model_device(model)
-    geo = geometry(model.config)
-    hooks_geo = unit_geometry(model)
-    group = geo.num_heads // geo.num_kv_heads
-    params = _structure(model)
-    rows_h, rows_n, rows_l = [], [], []
-    acc: dict[str, torch.Tensor] = {}
-    seen = BatchCounter()
-
-    def hook_for(layer: int, kind: str, how: str, unit_size: int):
-        def hook(p: torch.Tensor) -> None:
-            a = (p.detach().float() * p.grad.float()).abs()
-            acc[kind][layer] += _reduce(a, how, unit_size, group).double()
-            p.grad = None
-        return hook
-
-    handles = []
-    with frozen(model, keep=[p for p, *_ in params]):
-        try:
-            for p, layer, kind, how in params:
-                size = hooks_geo.head_dim if kind == "head" else 1
-                handles.append(p.register_post_accumulate_grad_hook(hook_for(layer, kind, how, size)))
-            for i, batch in (progress or (lambda x: x))(my_batches(seen.wrap(batches))):
-                acc["head"] = torch.zeros((hooks_geo.num_layers, hooks_geo.num_heads), dtype=torch.float64,
-                                          device=device)
-                acc["neuron"] = torch.zeros((hooks_geo.num_layers, hooks_geo.num_neurons), dtype=torch.float64,
-                                            device=device)
-                loss = batch_loss(model, batch, device)
-                if torch.isfinite(loss):
-                    loss.backward()
-                    row_h, row_n = acc["head"].float().cpu(), acc["neuron"].float().cpu()
-                else:
-                    row_h, row_n = torch.full(acc["head"].shape, float("nan")), torch.full(acc["neuron"].shape,
-                                                                                           float("nan"))
-                rows_h.append(row_h)
-                rows_n.append(row_n)
-                rows_l.append(loss.detach().float().cpu().reshape(()))
-        finally:
-            for h in handles:
-                h.remove()
-            for p, *_ in params:
-                p.grad = None
-    n_seen = seen.count
-    check_batch_count(n_seen)
-    if n_seen == 0:
-        raise SelectionError(f"{stage}: no batches were given")
-    g = hooks_geo
-    empty = lambda *s: torch.zeros((0, *s))  # noqa: E731
-    grads = MaskGradients(
-        gather_batch_rows(torch.stack(rows_h) if rows_h else empty(g.num_layers, g.num_heads), n_seen),
-        gather_batch_rows(torch.stack(rows_n) if rows_n else empty(g.num_layers, g.num_neurons), n_seen),
-        gather_batch_rows(torch.stack(rows_l) if rows_l else empty(), n_seen))
-    _check_rows(stage, grads)
-    return grads
+def gathered_rows(rows: list[torch.Tensor], *shape: int, dtype: torch.dtype = torch.float32,
+              cat: bool = False) -> torch.Tensor:
+    """This process's rows (stacked, or concatenated with ``cat``) gathered from every process in batch
+    order; ``shape``/``dtype``: of one row, for a process that holds no batch."""
+    if not rows:
+        return gather_rows(torch.zeros((0, *shape), dtype=dtype))
+    return gather_rows(torch.cat(rows) if cat else torch.stack(rows))
 
 
 # ----------------------------------------------------------------------------- true masked loss
@@ -410,19 +241,7 @@ def masked_losses(model: nn.Module, batches: list[dict], head: torch.Tensor | No
     device = model_device(model)
     rows = []
     with frozen(model), MaskHooks(model, head, neuron) as _, torch.no_grad():
-        for _, batch in my_batches(batches):
+        for _, batch in shard(batches):
             rows.append(batch_loss(model, batch, device).detach().float().cpu().reshape(()))
-    return gather_batch_rows(torch.stack(rows) if rows else torch.zeros(0), len(batches))
-
-
-class BatchCounter:
-    """Counts the items an iterable yields (to learn B from a stream)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def wrap(self, items: Iterable) -> Iterable:
-        for x in items:
-            self.count += 1
-            yield x
+    return gathered_rows(rows)
 

@@ -16,12 +16,15 @@ the adapter — and it keeps each sublayer's output linear (affine) in its masks
 stage relies on (a router's softmax on a masked input would not be). With all masks 1 the model's
 output is bit-identical (multiplication by 1.0 is exact); nothing in the model's code is patched,
 and leaving the context removes every hook.
+
+:class:`MaskSet` is the binary masked set (``True`` = mask 0) that determination (Alg. 1),
+refinement (Alg. 2) and tuning pass on; :class:`MaskHooks` applies its mask values.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -37,6 +40,51 @@ class UnitGeometry:
     num_heads: int
     head_dim: int
     num_neurons: int
+
+
+@dataclass(frozen=True, eq=False)
+class MaskSet:
+    """Masked units (``True`` = mask variable set to 0).
+
+    ``masked_head``: ``(L, H)`` bool; ``masked_neuron``: ``(L, F)`` bool. ``diagnostics`` holds
+    what the stage that produced the set wants to report (JSON-friendly scalars).
+    """
+
+    masked_head: torch.Tensor
+    masked_neuron: torch.Tensor
+    diagnostics: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("masked_head", "masked_neuron"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.bool or t.dim() != 2:
+                raise ValueError(f"MaskSet.{name} must be a 2-D bool tensor (layers, units); "
+                                 f"got {type(t).__name__} {getattr(t, 'dtype', '')} "
+                                 f"{tuple(getattr(t, 'shape', ()))}")
+        if self.masked_head.shape[0] != self.masked_neuron.shape[0]:
+            raise ValueError(f"MaskSet layer counts differ: heads {tuple(self.masked_head.shape)}"
+                             f" vs neurons {tuple(self.masked_neuron.shape)}")
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.masked_head.shape[0])
+
+    def head_mask(self) -> torch.Tensor:
+        """Float mask values ``m`` for heads: 0 where masked, 1 elsewhere, ``(L, H)``."""
+        return (~self.masked_head).to(torch.float32)
+
+    def neuron_mask(self) -> torch.Tensor:
+        """Float mask values ``m`` for neurons: 0 where masked, 1 elsewhere, ``(L, F)``."""
+        return (~self.masked_neuron).to(torch.float32)
+
+    def masked_cost(self, cost_head: torch.Tensor, cost_neuron: torch.Tensor) -> float:
+        """Total per-unit cost ``sum_{u masked} c_u``."""
+        return float(cost_head.double()[self.masked_head].sum()
+                     + cost_neuron.double()[self.masked_neuron].sum())
+
+    def counts_per_layer(self) -> tuple[list[int], list[int]]:
+        """Masked heads and masked neurons per layer."""
+        return (self.masked_head.sum(1).tolist(), self.masked_neuron.sum(1).tolist())
 
 
 def base_linear(module: nn.Module) -> nn.Linear:

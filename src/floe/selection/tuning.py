@@ -44,10 +44,11 @@ import torch
 import torch.nn as nn
 
 from floe.arch import decoder_layers, find_child
-from floe.selection.determination import MaskSet
-from floe.selection.importance import BatchCounter, SelectionError, all_reduce_sum, check_batch_count, my_batches
+from floe.distributed import reduce_sum
+from floe.selection.importance import SelectionError
 from floe.selection.lstsq import RidgeSolveError, ridge_solve
-from floe.selection.masks import MaskHooks, base_linear, frozen, model_device, to_model_inputs, token_mask
+from floe.selection.masks import MaskHooks, MaskSet, UnitGeometry, base_linear, frozen, model_device
+from floe.selection.replay import BatchState, Capture, capture_layer_inputs, run_layer
 
 
 @dataclass
@@ -80,106 +81,6 @@ class TuningResult:
     systems: list[SublayerSystem] | None = None
 
 
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass early."""
-
-
-@dataclass
-class _BatchState:
-    x_teacher: torch.Tensor
-    x_student: torch.Tensor
-    tokens: torch.Tensor  # (batch, seq) bool
-    calls: list[tuple[tuple, dict]]  # per layer: the extra args/kwargs the model passed it
-
-
-class _Capture:
-    """Forward hooks recording a layer's projection inputs (pre-mask) and outputs."""
-
-    def __init__(self, o_proj: nn.Module, o_base: nn.Linear, down: nn.Module, down_base: nn.Linear):
-        self.values: dict[str, torch.Tensor] = {}
-        self.stop_after_o = False  # end the layer's forward once o_proj has run (attention pass)
-        self.handles = [
-            o_base.register_forward_pre_hook(self._pre("z_attn"), prepend=True),
-            down_base.register_forward_pre_hook(self._pre("z_ffn"), prepend=True),
-            o_proj.register_forward_hook(self._post("o")),
-            down.register_forward_hook(self._post("d")),
-        ]
-
-    def _pre(self, key: str):
-        def hook(module, args):
-            self.values[key] = args[0].detach()
-        return hook
-
-    def _post(self, key: str):
-        def hook(module, args, output):
-            self.values[key] = (output[0] if isinstance(output, tuple) else output).detach()
-            if key == "o" and self.stop_after_o:
-                raise _Stop
-        return hook
-
-    def run_attention(self, layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]) -> None:
-        """Run ``layer`` up to its ``o_proj`` only (the FFN is not needed for the attention pass)."""
-        self.stop_after_o = True
-        try:
-            _run_layer(layer, hidden, call)
-        except _Stop:
-            pass
-        finally:
-            self.stop_after_o = False
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: Iterable[dict],
-                          device: torch.device) -> list[_BatchState]:
-    """One truncated forward per batch: the first layer's hidden input and every layer's call args."""
-    states: list[_BatchState] = []
-    seen = BatchCounter()
-    for _, batch in my_batches(seen.wrap(batches)):
-        calls: list[tuple[tuple, dict]] = []
-        first: list[torch.Tensor] = []
-
-        def pre(module, args, kwargs, _calls=calls, _first=first):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if not _first:
-                _first.append(hidden.detach())
-            rest = args[1:] if args else ()
-            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            _calls.append((rest, kw))
-            if len(_calls) == len(layers):
-                raise _Stop
-
-        handles = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in layers]
-        try:
-            with torch.no_grad():
-                model(**{k: v for k, v in to_model_inputs(batch, device).items() if k != "labels"},
-                      use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        if len(calls) != len(layers):
-            raise SelectionError(f"tuning stage: the model called {len(calls)} of its {len(layers)} "
-                                 "decoder layers; cannot replay them one by one")
-        tok = token_mask(batch).to(device)
-        states.append(_BatchState(first[0], first[0].clone(), tok, calls))
-    n_seen = seen.count
-    check_batch_count(n_seen)
-    return states
-
-
-def _run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
-    args, kwargs = call
-    return _first_tensor(layer(hidden, *args, **kwargs))
-
-
 class _Accumulator:
     """``Σ_t z_F z_F^T``, ``Σ_t z_F ⊙ (W^T b)_F`` and ``Σ_t ||b||²`` for one sublayer."""
 
@@ -204,8 +105,8 @@ class _Accumulator:
 
     def system(self, layer: int, kind: str, free: torch.Tensor, weight: torch.Tensor,
                unit_size: int) -> SublayerSystem:
-        zz, zwb = all_reduce_sum(self.zz), all_reduce_sum(self.zwb)
-        sq, tokens = all_reduce_sum(self.sq), all_reduce_sum(self.tokens)
+        zz, zwb = reduce_sum(self.zz), reduce_sum(self.zwb)
+        sq, tokens = reduce_sum(self.sq), reduce_sum(self.tokens)
         w = weight.double().index_select(1, self.cols)
         n = free.numel()
         gram = ((w.T @ w) * zz).reshape(n, unit_size, n, unit_size).sum((1, 3))
@@ -252,6 +153,117 @@ def _residual_form(x: torch.Tensor, o: torch.Tensor, d: torch.Tensor, out: torch
     return bool(err <= tol + 1e-12)
 
 
+@dataclass
+class _Tuner:
+    """The state of the tuning stage as it walks the layers: the model's mask hooks, the binary
+    masks, the batches' teacher/student inputs and the tuned values so far."""
+
+    hooks: MaskHooks
+    masks: MaskSet
+    states: list[BatchState]
+    device: torch.device
+    damping: float
+    max_abs: float
+    cache_bytes: int
+    binary_neuron: torch.Tensor
+    tuned_head: torch.Tensor
+    tuned_neuron: torch.Tensor
+
+    @property
+    def geometry(self) -> UnitGeometry:
+        return self.hooks.geometry
+
+    def teacher(self, k: int, layer: nn.Module, cap: Capture) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], bool]:
+        """Layer ``k`` with every mask at 1: the targets of both sublayers, and the next teacher input.
+        Also whether the layer is LLaMA-style ``out = x + o + d`` (the same answer on every process)."""
+        self.hooks.enabled = False
+        targets: list[tuple[torch.Tensor, torch.Tensor]] = []
+        residual = True
+        for i, st in enumerate(self.states):
+            out = run_layer(layer, st.x_teacher, st.calls[k])
+            o, d = cap.values["o"], cap.values["d"]
+            if i == 0:
+                residual = _residual_form(st.x_teacher, o, d, out)
+            targets.append(((st.x_teacher + o) if residual else o, out if residual else d))
+            st.x_teacher = out
+        self.hooks.enabled = True
+        # every process must use the same objective (a process may hold no batch)
+        residual = float(reduce_sum(torch.tensor(0.0 if residual else 1.0, dtype=torch.float64))) == 0.0
+        return targets, residual
+
+    def attention(self, k: int, layer: nn.Module, cap: Capture, o_base: nn.Linear, targets: list,
+                  residual: bool) -> tuple[SublayerSystem, dict]:
+        """Head masks free, the student's input ``x'``: solve, and put the tuned heads in place."""
+        g = self.geometry
+        self.hooks.neuron[k] = self.binary_neuron[k]
+        free_h = torch.nonzero(~self.masks.masked_head[k]).reshape(-1)
+        acc = _Accumulator(_unit_columns(free_h, g.head_dim), self.device)
+        for st, (t_attn, _) in zip(self.states, targets):
+            cap.run_attention(layer, st.x_student, st.calls[k])
+            o = cap.values["o"]
+            acc.add(cap.values["z_attn"], t_attn - ((st.x_student + o) if residual else o), o_base.weight, st.tokens)
+        system = acc.system(k, "attention", free_h, o_base.weight, g.head_dim)
+        m_h, diag = _solve(system, g.num_heads, self.damping, self.max_abs)
+        self.tuned_head[k] = m_h.to(self.device, torch.float32)
+        self.hooks.head[k] = self.tuned_head[k]
+        return system, diag
+
+    def ffn(self, k: int, layer: nn.Module, cap: Capture, down_base: nn.Linear, targets: list,
+            residual: bool) -> tuple[SublayerSystem, dict]:
+        """Neuron masks free, the tuned heads in place: solve, then advance the student through the layer."""
+        g = self.geometry
+        free_n = torch.nonzero(~self.masks.masked_neuron[k]).reshape(-1)
+        acc = _Accumulator(free_n, self.device)
+        # With the residual form the tuned layer's output is out_binary + W_F (δ ⊙ z_F): keep
+        # (out, z_F) per batch when they fit in cache_bytes instead of re-running the layer.
+        itemsize = self.states[0].x_student.element_size() if self.states else 4
+        need = sum(st.x_student[..., 0].numel() for st in self.states) * free_n.numel() * itemsize
+        cache: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if residual and need <= self.cache_bytes else None
+        free_dev = free_n.to(self.device)
+        for st, (_, t_ffn) in zip(self.states, targets):
+            out = run_layer(layer, st.x_student, st.calls[k])
+            acc.add(cap.values["z_ffn"], t_ffn - (out if residual else cap.values["d"]), down_base.weight, st.tokens)
+            if cache is not None:
+                cache.append((out, cap.values["z_ffn"].index_select(-1, free_dev)))
+        system = acc.system(k, "ffn", free_n, down_base.weight, 1)
+        m_n, diag = _solve(system, g.num_neurons, self.damping, self.max_abs)
+        self.tuned_neuron[k] = m_n.to(self.device, torch.float32)
+        self.hooks.neuron[k] = self.tuned_neuron[k]
+        if cache is not None:
+            delta = (self.tuned_neuron[k].index_select(0, free_dev) - 1.0).float()
+            w_free = down_base.weight.index_select(1, free_dev).float()
+            for st, (out, z_free) in zip(self.states, cache):
+                st.x_student = (out.float() + (z_free.float() * delta) @ w_free.T).to(out.dtype)
+        else:
+            for st in self.states:
+                st.x_student = run_layer(layer, st.x_student, st.calls[k])
+        return system, diag
+
+    def layer(self, k: int, layer: nn.Module) -> list[tuple[SublayerSystem, dict]]:
+        """Tune layer ``k``: attention, then FFN; ``(system, diagnostics)`` per sublayer."""
+        o_proj, down = find_child(layer, "o_proj")[1], find_child(layer, "down_proj")[1]
+        o_base, down_base = base_linear(o_proj), base_linear(down)
+        cap = Capture(o_proj, o_base, down, down_base)
+        self.hooks.layers = {k}
+        try:
+            targets, residual = self.teacher(k, layer, cap)
+            solved = [self.attention(k, layer, cap, o_base, targets, residual),
+                      self.ffn(k, layer, cap, down_base, targets, residual)]
+        finally:
+            cap.remove()
+        for _, diag in solved:
+            diag["objective"] = "residual" if residual else "projection"
+        return solved
+
+
+def _check_shapes(masks: MaskSet, g: UnitGeometry) -> None:
+    if tuple(masks.masked_head.shape) != (g.num_layers, g.num_heads) or \
+            tuple(masks.masked_neuron.shape) != (g.num_layers, g.num_neurons):
+        raise SelectionError(f"masks have shapes {tuple(masks.masked_head.shape)}/"
+                             f"{tuple(masks.masked_neuron.shape)}, the model needs "
+                             f"({g.num_layers}, {g.num_heads})/({g.num_layers}, {g.num_neurons})")
+
+
 def tune_masks(model: nn.Module, batches: Iterable[dict], masks: MaskSet, *, damping: float = 1e-3,
                max_abs: float = 10.0, keep_systems: bool = False, cache_bytes: int = 1 << 30,
                progress: Callable[[Iterable], Iterable] | None = None) -> TuningResult:
@@ -267,92 +279,19 @@ def tune_masks(model: nn.Module, batches: Iterable[dict], masks: MaskSet, *, dam
     device = model_device(model)
     _, layers = decoder_layers(model)
     with frozen(model), MaskHooks(model) as hooks, torch.no_grad():
-        g = hooks.geometry
-        if tuple(masks.masked_head.shape) != (g.num_layers, g.num_heads) or \
-                tuple(masks.masked_neuron.shape) != (g.num_layers, g.num_neurons):
-            raise SelectionError(f"masks have shapes {tuple(masks.masked_head.shape)}/"
-                                 f"{tuple(masks.masked_neuron.shape)}, the model needs "
-                                 f"({g.num_layers}, {g.num_heads})/({g.num_layers}, {g.num_neurons})")
+        _check_shapes(masks, hooks.geometry)
         binary_head = masks.head_mask().to(device)
         binary_neuron = masks.neuron_mask().to(device)
         hooks.head.copy_(binary_head)
         hooks.neuron.copy_(binary_neuron)
-        tuned_head = binary_head.clone()
-        tuned_neuron = binary_neuron.clone()
-        states = _capture_layer_inputs(model, layers, batches, device)
-        result = TuningResult(tuned_head, tuned_neuron, [], [] if keep_systems else None)
+        tuner = _Tuner(hooks, masks, capture_layer_inputs(model, layers, batches, device), device, damping,
+                       max_abs, cache_bytes, binary_neuron, binary_head.clone(), binary_neuron.clone())
+        result = TuningResult(tuner.tuned_head, tuner.tuned_neuron, [], [] if keep_systems else None)
         for k in (progress or (lambda x: x))(range(len(layers))):
-            layer = layers[k]
-            o_proj, down = find_child(layer, "o_proj")[1], find_child(layer, "down_proj")[1]
-            o_base, down_base = base_linear(o_proj), base_linear(down)
-            cap = _Capture(o_proj, o_base, down, down_base)
-            hooks.layers = {k}
-            try:
-                # teacher (all masks 1): targets of both sublayers, and the next teacher input
-                hooks.enabled = False
-                targets: list[tuple[torch.Tensor, torch.Tensor]] = []
-                residual = True
-                for i, st in enumerate(states):
-                    out = _run_layer(layer, st.x_teacher, st.calls[k])
-                    o, d = cap.values["o"], cap.values["d"]
-                    if i == 0:
-                        residual = _residual_form(st.x_teacher, o, d, out)
-                    targets.append(((st.x_teacher + o) if residual else o, out if residual else d))
-                    st.x_teacher = out
-                hooks.enabled = True
-                # every process must use the same objective (a process may hold no batch)
-                residual = float(all_reduce_sum(torch.tensor(0.0 if residual else 1.0, dtype=torch.float64))) == 0.0
-                objective = "residual" if residual else "projection"
-                # attention: head masks free, student input x'
-                hooks.neuron[k] = binary_neuron[k]
-                free_h = torch.nonzero(~masks.masked_head[k]).reshape(-1)
-                acc = _Accumulator(_unit_columns(free_h, g.head_dim), device)
-                for st, (t_attn, _) in zip(states, targets):
-                    cap.run_attention(layer, st.x_student, st.calls[k])
-                    o = cap.values["o"]
-                    acc.add(cap.values["z_attn"], t_attn - ((st.x_student + o) if residual else o),
-                            o_base.weight, st.tokens)
-                sys_h = acc.system(k, "attention", free_h, o_base.weight, g.head_dim)
-                m_h, diag_h = _solve(sys_h, g.num_heads, damping, max_abs)
-                tuned_head[k] = m_h.to(device, torch.float32)
-                hooks.head[k] = tuned_head[k]
-                # FFN: neuron masks free, tuned heads in place
-                free_n = torch.nonzero(~masks.masked_neuron[k]).reshape(-1)
-                acc = _Accumulator(free_n, device)
-                # With the residual form the tuned layer's output is out_binary + W_F (δ ⊙ z_F): keep
-                # (out, z_F) per batch when they fit in cache_bytes instead of re-running the layer.
-                itemsize = states[0].x_student.element_size() if states else 4
-                need = sum(st.x_student[..., 0].numel() for st in states) * free_n.numel() * itemsize
-                cache: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if residual and need <= cache_bytes else None
-                free_dev = free_n.to(device)
-                for st, (_, t_ffn) in zip(states, targets):
-                    out = _run_layer(layer, st.x_student, st.calls[k])
-                    acc.add(cap.values["z_ffn"], t_ffn - (out if residual else cap.values["d"]),
-                            down_base.weight, st.tokens)
-                    if cache is not None:
-                        cache.append((out, cap.values["z_ffn"].index_select(-1, free_dev)))
-                sys_n = acc.system(k, "ffn", free_n, down_base.weight, 1)
-                m_n, diag_n = _solve(sys_n, g.num_neurons, damping, max_abs)
-                tuned_neuron[k] = m_n.to(device, torch.float32)
-                hooks.neuron[k] = tuned_neuron[k]
-                # advance the student through the tuned layer
-                if cache is not None:
-                    delta = (tuned_neuron[k].index_select(0, free_dev) - 1.0).float()
-                    w_free = down_base.weight.index_select(1, free_dev).float()
-                    for st, (out, z_free) in zip(states, cache):
-                        st.x_student = (out.float() + (z_free.float() * delta) @ w_free.T).to(out.dtype)
-                    del cache
-                else:
-                    for st in states:
-                        st.x_student = _run_layer(layer, st.x_student, st.calls[k])
-            finally:
-                cap.remove()
-            for diag in (diag_h, diag_n):
-                diag["objective"] = objective
+            for system, diag in tuner.layer(k, layers[k]):
                 result.diagnostics.append(diag)
-            if keep_systems:
-                result.systems.extend([sys_h, sys_n])
-        result.head = tuned_head.float().cpu()
-        result.neuron = tuned_neuron.float().cpu()
+                if keep_systems:
+                    result.systems.append(system)
+        result.head = tuner.tuned_head.float().cpu()
+        result.neuron = tuner.tuned_neuron.float().cpu()
     return result
-

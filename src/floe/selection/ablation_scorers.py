@@ -1,4 +1,4 @@
-"""Alternative per-layer scorers for the ablation the paper's reviewers asked for.
+"""Ablation scorers: per-layer scores other than FLoE's, for the ablation the paper's reviewers asked for.
 
 Every scorer returns ``(L,)`` float32 scores; higher = more important (ranked first):
 
@@ -12,7 +12,8 @@ Every scorer returns ``(L,)`` float32 scores; higher = more important (ranked fi
   B makes ``∂L/∂A`` vanish at the start of training);
 * ``random``: a seeded random permutation (uniform scores from ``torch.Generator(seed)``).
 
-Layers without an adapter get 0 from the two adapter-gradient scorers.
+Layers without an adapter get 0 from the two adapter-gradient scorers. FLoE's own per-layer
+score is in :mod:`.layer_score`; :mod:`.scorer_table` maps every ``scorer`` name to its function.
 """
 from __future__ import annotations
 
@@ -24,18 +25,9 @@ import torch.nn as nn
 
 from floe.adapters import moe_lora_modules
 from floe.arch import decoder_layers
-from floe.selection.importance import (
-    BatchCounter,
-    SelectionError,
-    all_reduce_sum,
-    batch_loss,
-    check_batch_count,
-    gather_batch_rows,
-    my_batches,
-)
+from floe.distributed import reduce_sum, shard
+from floe.selection.importance import BatchCounter, SelectionError, batch_loss, gathered_rows
 from floe.selection.masks import frozen, model_device
-
-SCORERS = ("floe", "fisher", "taylor", "grad_norm", "random", "fim_variance")
 
 
 def fisher_layer_scores(fisher_head: torch.Tensor, fisher_neuron: torch.Tensor) -> torch.Tensor:
@@ -59,11 +51,18 @@ class AdapterGradientStats:
 
     grad_norm: torch.Tensor
     """``(L,)``: mean over batches of ``||∂L_b/∂φ_l||``."""
-    fim_variance: torch.Tensor
-    """``(L,)``: ``Σ_{entries of B_l} Var_b(∂L_b/∂B)``."""
+    fim_variance: torch.Tensor | None
+    """``(L,)``: ``Σ_{entries of B_l} Var_b(∂L_b/∂B)`` (``None`` on a :meth:`subset`)."""
     per_batch_sq_norm: torch.Tensor
     """``(B, L)``: ``||∂L_b/∂φ_l||²``."""
     num_batches: int
+
+    def subset(self, index: list[int]) -> "AdapterGradientStats":
+        """The statistics of the batches in ``index`` (subsample stability). ``grad_norm`` comes from
+        the per-batch norms (float64); ``fim_variance`` is ``None``: it needs the gradients
+        themselves, which are not kept per batch, so :func:`adapter_gradient_stats` reruns for it."""
+        rows = self.per_batch_sq_norm[torch.as_tensor(index)]
+        return AdapterGradientStats(rows.double().sqrt().mean(0), None, rows, len(index))
 
 
 def _layer_of(names: Iterable[str], prefix: str) -> list[int]:
@@ -93,7 +92,7 @@ def adapter_gradient_stats(model: nn.Module, batches: Iterable[dict],
     params_only = [p for _, p in all_params]
     b_index = {id(p): j for j, (_, p) in enumerate(b_params)}
     with frozen(model, keep=params_only):
-        for i, batch in (progress or (lambda x: x))(my_batches(seen.wrap(batches))):
+        for i, batch in (progress or (lambda x: x))(shard(seen.wrap(batches))):
             loss = batch_loss(model, batch, device)
             if not torch.isfinite(loss):
                 raise SelectionError(f"adapter gradients: batch {i} gave a non-finite loss; check the data "
@@ -110,15 +109,12 @@ def adapter_gradient_stats(model: nn.Module, batches: Iterable[dict],
                     sums_b[j] += gd
                     sq_b[lid] += float((gd ** 2).sum())
             rows.append(sq.float())
-    n_seen = seen.count
-    check_batch_count(n_seen)
-    if n_seen == 0:
-        raise SelectionError("adapter gradients: no batches were given")
-    per_batch = gather_batch_rows(torch.stack(rows) if rows else torch.zeros((0, num_layers)), n_seen)
-    sq_b = all_reduce_sum(sq_b)
+    n_seen = seen.total("adapter gradients")
+    per_batch = gathered_rows(rows, num_layers)
+    sq_b = reduce_sum(sq_b)
     mean_sq = torch.zeros(num_layers, dtype=torch.float64)  # ||Σ_b g_b||² per layer
     for (lid, _), s in zip(b_params, sums_b):
-        s = all_reduce_sum(s)
+        s = reduce_sum(s)
         mean_sq[lid] += float((s ** 2).sum())
     n = float(n_seen)
     # Σ_entries Var_b(g) with the unbiased (n-1) denominator: (Σ_b g² − (Σ_b g)²/n) / (n − 1)

@@ -1,9 +1,10 @@
-"""Per-layer importance score, ranking and top-k (docs/method.md, "Layer score and selection").
+"""FLoE's per-layer score from the masks, ranking and top-k (docs/method.md, "Layer score and selection").
 
 ``s_l = 1 - sum_{u in l} w_u m~_u / sum_{u in l} w_u`` with ``w = t_h`` for heads and ``t_f``
 for neurons (the mean Taylor costs Alg. 1 prices units at), ``m~`` the tuned mask value of a
 kept unit (1 when untuned) and 0 for a masked unit. A densely masked layer scores high: the
-paper reads it as one whose pre-trained weights the adapter must stand in for (Fig. 2).
+paper reads it as one whose pre-trained weights the adapter must stand in for (Fig. 2). The
+scores of the ablation scorers are in :mod:`.ablation_scorers`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numbers
 
 import torch
 
-from floe.selection.determination import MaskSet
+from floe.selection.masks import MaskSet
 
 
 def layer_scores(masks: MaskSet, tuned_head: torch.Tensor | None,
@@ -47,6 +48,16 @@ def layer_scores(masks: MaskSet, tuned_head: torch.Tensor | None,
                          f"F={n_neurons}); the layer score is undefined")
     kept = t_h * parts[0] + t_f * parts[1]
     return (1.0 - kept / denominator).to(torch.float32)
+
+
+def type_parts(masks: MaskSet, tuned_head: torch.Tensor | None,
+               tuned_neuron: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer ``1 − mean m̃`` over its heads and over its neurons (masked units count 0), ``(L,)`` each."""
+    parts = []
+    for masked, tuned in ((masks.masked_head, tuned_head), (masks.masked_neuron, tuned_neuron)):
+        values = torch.ones(masked.shape, dtype=torch.float64) if tuned is None else tuned.double().clamp_min(0.0)
+        parts.append((1.0 - torch.where(masked, 0.0, values).mean(1)).float())
+    return parts[0], parts[1]
 
 
 def rank_layers(scores: torch.Tensor) -> list[int]:
