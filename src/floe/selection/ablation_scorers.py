@@ -24,10 +24,10 @@ import torch
 import torch.nn as nn
 
 from floe.adapters import moe_lora_modules
-from floe.arch import decoder_layers
+from floe.arch import decoder_layers, model_device
 from floe.distributed import reduce_sum, shard
 from floe.selection.importance import BatchCounter, SelectionError, batch_loss, gathered_rows
-from floe.selection.masks import frozen, model_device
+from floe.selection.masks import frozen
 
 
 def fisher_layer_scores(fisher_head: torch.Tensor, fisher_neuron: torch.Tensor) -> torch.Tensor:

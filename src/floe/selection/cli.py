@@ -11,7 +11,6 @@ Runs data-parallel under ``torchrun``/``accelerate launch`` (the first process w
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,24 +134,19 @@ def format_table(sel: Selection) -> str:
     """A readable per-layer table (in layer order) and the chosen layers."""
     rank_of = {layer: r for r, layer in enumerate(sel.ranking)}
     chosen = set(sel.chosen)
-    head = f"{'layer':>5} {'rank':>4} {'score':>9}"
-    if sel.untuned_scores is not None:
-        head += f" {'untuned':>9}"
-    if sel.heads_masked is not None:
-        head += f" {'heads':>7} {'neurons':>9}"
-    if sel.fisher_share is not None:
-        head += f" {'fisher%':>8}"
-    lines = [head + "  chosen"]
     g = sel.geometry
-    for layer in range(sel.num_layers):
-        row = f"{layer:>5} {rank_of[layer]:>4} {sel.scores[layer]:>9.4f}"
-        if sel.untuned_scores is not None:
-            row += f" {sel.untuned_scores[layer]:>9.4f}"
-        if sel.heads_masked is not None:
-            row += f" {sel.heads_masked[layer]:>3}/{g.get('num_heads', 0):<3} {sel.neurons_masked[layer]:>4}/{g.get('num_neurons', 0):<4}"
-        if sel.fisher_share is not None:
-            row += f" {100 * sel.fisher_share[layer]:>7.2f}%"
-        lines.append(row + ("  *" if layer in chosen else ""))
+    columns = [(f"{'layer':>5}", lambda i: f"{i:>5}"), (f"{'rank':>4}", lambda i: f"{rank_of[i]:>4}"),
+               (f"{'score':>9}", lambda i: f"{sel.scores[i]:>9.4f}")]  # (header, cell of layer i)
+    if sel.untuned_scores is not None:
+        columns.append((f"{'untuned':>9}", lambda i: f"{sel.untuned_scores[i]:>9.4f}"))
+    if sel.heads_masked is not None:
+        columns.append((f"{'heads':>7} {'neurons':>9}",
+                        lambda i: f"{sel.heads_masked[i]:>3}/{g.get('num_heads', 0):<3} "
+                                  f"{sel.neurons_masked[i]:>4}/{g.get('num_neurons', 0):<4}"))
+    if sel.fisher_share is not None:
+        columns.append((f"{'fisher%':>8}", lambda i: f"{100 * sel.fisher_share[i]:>7.2f}%"))
+    lines = [" ".join(head for head, _ in columns) + "  chosen"]
+    lines += [" ".join(cell(i) for _, cell in columns) + ("  *" if i in chosen else "") for i in range(sel.num_layers)]
     lines.append(f"scorer {sel.scorer}; chosen layers (rank order): {sel.chosen}")
     for stage in ("determination", "refinement", "tuning"):
         d = sel.diagnostics.get(stage)
@@ -170,30 +164,25 @@ def format_table(sel: Selection) -> str:
 
 
 def write_outputs(sel: Selection, out: Path, title: str = "") -> list[Path]:
-    """Write every output into temp files first, then rename them all into ``out``."""
-    import shutil
-    import tempfile
-
+    """Write every output into a temp folder first, then move them all into ``out`` (its other
+    files stay: :func:`floe.io.atomic_dir` with ``existing="merge"``)."""
+    from floe.io import atomic_dir
     from floe.selection.plots import plot_layer_heatmap
     from floe.selection.stability import StabilityResult, plot_stability
 
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".select-", dir=out))
-    try:
+    names: list[str] = []
+
+    def write(tmp: Path) -> None:
         sel.to_json(tmp / "selection.json")
         sel.save_masks(tmp / "masks.safetensors")
         plot_layer_heatmap(sel.head_importance, sel.neuron_importance, sel.scores, sel.chosen,
                            tmp / "layer_importance.png", title=title)
         if sel.stability:
             plot_stability(StabilityResult(**sel.stability), tmp / "stability.png", title=title)
-        written = []
-        for name in OUTPUT_FILES:
-            if (tmp / name).exists():
-                os.replace(tmp / name, out / name)
-                written.append(out / name)
-        return written
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        names.extend(name for name in OUTPUT_FILES if (tmp / name).exists())
+
+    atomic_dir(out, write, existing="merge")
+    return [out / name for name in names]
 
 
 def run_select(args: argparse.Namespace) -> int:

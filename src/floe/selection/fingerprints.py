@@ -12,6 +12,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from floe.arch import trainable_parameter_count
 from floe.selection.config import SelectionConfig, jsonable
 
 
@@ -41,7 +42,7 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     return {
         "name_or_path": getattr(cfg, "_name_or_path", None),
         "config_sha256": hashlib.sha256(text.encode()).hexdigest(),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": trainable_parameter_count(model)[1],
         "dtype": str(next(model.parameters()).dtype),
     }
 

@@ -30,9 +30,10 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from floe.arch import model_device, model_inputs
 from floe.distributed import gather_rows, reduce_max, shard
 from floe.errors import InputError
-from floe.selection.masks import MaskHooks, frozen, model_device, to_model_inputs
+from floe.selection.masks import MaskHooks, frozen
 
 
 class SelectionError(InputError):
@@ -134,7 +135,7 @@ class MaskGradients:
 
 def batch_loss(model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
     """Mean next-token loss over the batch's labelled (response) tokens."""
-    inputs = to_model_inputs(batch, device)
+    inputs = model_inputs(batch, device)
     if "labels" not in inputs:
         raise SelectionError("selection batches need 'labels' (response tokens; -100 elsewhere): "
                              "build them with floe.data.DataCollator")

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.nn as nn
 
-from floe.arch import decoder_layers, find_child, geometry
+from floe.arch import decoder_layers, find_child, geometry, model_device
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ class MaskHooks:
                  requires_grad: bool = False, per_example: bool = False):
         self.geometry = unit_geometry(model)
         g = self.geometry
-        device = next(model.parameters()).device
+        device = model_device(model)
         self.head = self._init(head, (g.num_layers, g.num_heads), device, requires_grad, "head")
         self.neuron = self._init(neuron, (g.num_layers, g.num_neurons), device, requires_grad, "neuron")
         self.enabled = True
@@ -214,18 +214,6 @@ def mask_hooks(model: nn.Module, head: torch.Tensor | None = None, neuron: torch
                requires_grad: bool = False) -> MaskHooks:
     """Install head/neuron mask hooks on ``model``; use as ``with mask_hooks(model) as m: ...``."""
     return MaskHooks(model, head, neuron, requires_grad)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "position_ids")
-
-
-def to_model_inputs(batch: dict, device: torch.device) -> dict:
-    """The keys a causal LM's forward takes, moved to ``device``."""
-    return {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUT_KEYS and v is not None}
 
 
 def token_mask(batch: dict) -> torch.Tensor:

@@ -100,6 +100,17 @@ def block_objective(masked_head: torch.Tensor, masked_neuron: torch.Tensor,
     return total
 
 
+def _check_inputs(masks: MaskSet, grads_head: torch.Tensor, grads_neuron: torch.Tensor, cost_head: torch.Tensor,
+                  cost_neuron: torch.Tensor, rule: str, k_candidates: int, max_iters: int | None) -> None:
+    check_rule(rule)
+    check_costs(cost_head, cost_neuron)
+    check_mask_shapes(masks, cost_head, cost_neuron)
+    _check_grads(masks, grads_head, grads_neuron)
+    if isinstance(k_candidates, bool) or not isinstance(k_candidates, int) or k_candidates < 1:
+        raise ValueError(f"k_candidates must be an int >= 1, got {k_candidates!r}")
+    check_cap("max_iters", max_iters)
+
+
 def _check_grads(masks: MaskSet, grads_head: torch.Tensor, grads_neuron: torch.Tensor) -> None:
     for name, grads, member in (("grads_head", grads_head, masks.masked_head),
                                 ("grads_neuron", grads_neuron, masks.masked_neuron)):
@@ -195,13 +206,7 @@ def refine_block(masks: MaskSet, grads_head: torch.Tensor, grads_neuron: torch.T
     ``k_candidates`` and ``swaps``: ``[type_p, layer_p, unit_p, type_q, layer_q, unit_q, gain]``
     per swap (p left the masked set, q joined it; type ``"head"`` or ``"neuron"``).
     """
-    check_rule(rule)
-    check_costs(cost_head, cost_neuron)
-    check_mask_shapes(masks, cost_head, cost_neuron)
-    _check_grads(masks, grads_head, grads_neuron)
-    if isinstance(k_candidates, bool) or not isinstance(k_candidates, int) or k_candidates < 1:
-        raise ValueError(f"k_candidates must be an int >= 1, got {k_candidates!r}")
-    check_cap("max_iters", max_iters)
+    _check_inputs(masks, grads_head, grads_neuron, cost_head, cost_neuron, rule, k_candidates, max_iters)
     cap = float("inf") if max_iters is None else max_iters
     budget_c = budget_from_fraction(budget, cost_head, cost_neuron)
 

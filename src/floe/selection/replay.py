@@ -13,9 +13,10 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from floe.arch import model_inputs
 from floe.distributed import shard
 from floe.selection.importance import BatchCounter, SelectionError, check_batch_count
-from floe.selection.masks import to_model_inputs, token_mask
+from floe.selection.masks import token_mask
 
 
 class Stop(Exception):
@@ -96,7 +97,7 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: Itera
         handles = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in layers]
         try:
             with torch.no_grad():
-                model(**{k: v for k, v in to_model_inputs(batch, device).items() if k != "labels"},
+                model(**{k: v for k, v in model_inputs(batch, device).items() if k != "labels"},
                       use_cache=False)
         except Stop:
             pass

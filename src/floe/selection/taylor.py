@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from floe.arch import decoder_layers, find_child, geometry
+from floe.arch import decoder_layers, find_child, geometry, model_device
 from floe.distributed import shard
 from floe.selection.importance import (
     BatchCounter,
@@ -22,7 +22,7 @@ from floe.selection.importance import (
     check_rows,
     gathered_rows,
 )
-from floe.selection.masks import base_linear, frozen, model_device, unit_geometry
+from floe.selection.masks import base_linear, frozen, unit_geometry
 
 
 def _structure(model: nn.Module) -> list[tuple[nn.Parameter, int, str, str]]:

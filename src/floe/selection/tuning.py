@@ -43,11 +43,11 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
-from floe.arch import decoder_layers, find_child
+from floe.arch import decoder_layers, find_child, model_device
 from floe.distributed import reduce_sum
 from floe.selection.importance import SelectionError
 from floe.selection.lstsq import RidgeSolveError, ridge_solve
-from floe.selection.masks import MaskHooks, MaskSet, UnitGeometry, base_linear, frozen, model_device
+from floe.selection.masks import MaskHooks, MaskSet, UnitGeometry, base_linear, frozen
 from floe.selection.replay import BatchState, Capture, capture_layer_inputs, run_layer
 
 
