@@ -18,9 +18,10 @@ from pathlib import Path
 import optuna
 import pytest
 
-from floe.search import SearchConfig, SearchError, TrialFailed, format_table, search_rank
-from floe.search.report import is_counted
-from floe.search.study import default_storage_url, open_storage, open_study
+from floe.search import (
+    SearchConfig, SearchError, TrialFailed, default_storage_url, format_table, open_storage, open_study, search_rank,
+)
+from floe.search.states import is_counted
 
 HERE = Path(__file__).resolve()
 
@@ -213,11 +214,19 @@ def test_outputs_are_search_json_plot_and_a_readable_table(tmp_path):
         assert t["state"] == "COMPLETE" and t["duration_s"] >= 0
         assert t["value"] == pytest.approx(analytic(t["r"], t["num_experts"]))
     assert (tmp_path / "out" / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "out" / "search_contour.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "out" / "search.db").is_file()
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files left
     table = format_table(res)
     assert f"best: r = {res.best.r}, M = {res.best.num_experts}" in table
     assert len(table.splitlines()) == 6 + 5
+
+
+def test_the_contour_of_r_and_m_is_written_only_once_both_vary(tmp_path):
+    one_m = SearchConfig(r_min=2, r_max=8, experts=[3], n_trials=3, seed=0, pruner="none", **FAST)
+    res = search_rank(counting_objective([]), one_m, output_dir=tmp_path)
+    assert len({t.r for t in res.trials}) > 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["search.db", "search.json", "search.png"]
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -12,8 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from floe.search import SearchConfig, SearchError, search_rank
-from floe.search.study import default_storage_url, open_storage, open_study
+from floe.search import SearchConfig, SearchError, default_storage_url, open_storage, open_study, search_rank
 
 from test_search import FAST, counting_objective
 

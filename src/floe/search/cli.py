@@ -14,7 +14,8 @@ stops hopeless trials, repeated (r, M) reuse the cached result, failed trials (N
 are recorded and the search goes on. The study lives in --output/search.db (SQLite): run the same
 command again to resume a killed search. With --storage <SQLAlchemy URL> (e.g. postgresql://...)
 and --study-name, several workers on several machines share one study: start the same command on
-each. Writes search.json, search.png (trial value vs trial, running best) and prints a table."""
+each. Writes search.json, search.png (trial value vs trial, running best), search_contour.png
+(validation loss over r and M) and prints a table."""
 
 EPILOG = """Example: floe search --model smollm2-135m --data bigbench:natural_instructions --trials 30
 --steps 60 --output runs/search. Every key of the job (floe search --print-config) can be set in

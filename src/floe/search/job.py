@@ -18,8 +18,9 @@ from floe.adapters.moe_lora import AdapterSettings
 from floe.config import to_dict
 from floe.jobs import DataSpec, ModelSpec
 from floe.search.config import SearchConfig, SearchError
-from floe.search.report import SearchResult, format_table, format_trial, redact_url
-from floe.search.study import DEFAULT_STUDY_NAME, default_storage_url, peek_study, search_rank
+from floe.search.report import CONTOUR_NAME, JSON_NAME, PLOT_NAME, SearchResult, format_table, format_trial
+from floe.search.storage import DEFAULT_STUDY_NAME, default_storage_url, peek_study, redact_url
+from floe.search.study import search_rank
 from floe.training import TrainConfig
 
 
@@ -40,7 +41,7 @@ class SearchJob:
     eval_points: int = 4
     """Validation losses per trial, evenly spaced (the pruner sees all, the last is the trial's value)."""
     output_dir: str = "runs/search"
-    """Folder for search.json, search.png and (by default) the study database search.db."""
+    """Folder for search.json, search.png, search_contour.png and (by default) the study database search.db."""
     storage: str | None = None
     """Optuna storage URL shared by all workers (default: sqlite:///<output_dir>/search.db)."""
     study_name: str = DEFAULT_STUDY_NAME
@@ -144,5 +145,6 @@ def run_search_job(job: SearchJob, log: Callable[[str], None] = print) -> Search
                          context=search_context(job), log=log,
                          on_trial=lambda t: log("[floe] trial " + format_trial(t).strip()))
     log(format_table(result))
-    log(f"[floe] wrote {Path(job.output_dir) / 'search.json'} and {Path(job.output_dir) / 'search.png'}")
+    written = [Path(job.output_dir) / n for n in (JSON_NAME, PLOT_NAME, CONTOUR_NAME)]
+    log("[floe] wrote " + ", ".join(str(p) for p in written if p.is_file()))
     return result

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from floe.adapters.moe_lora import AdapterSettings, MoELoraConfig, apply_moe_lora
 from floe.search.config import SearchError
-from floe.search.study import ObjectiveFn, Reporter
+from floe.search.trial import ObjectiveFn, Reporter
 from floe.training import TrainConfig, train
 
 __all__ = ["make_training_objective", "eval_schedule"]

@@ -1,4 +1,7 @@
-"""Results of a rank / expert search: records, ``search.json``, the Fig. 9 plot and a table."""
+"""Output of a rank / expert search: trial records, ``search.json``, the figures and a table.
+
+Pure output: it reads a study (or records) and writes files; it runs nothing.
+"""
 from __future__ import annotations
 
 import json
@@ -11,44 +14,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from floe.io import atomic_file, atomic_write_text
 from floe.search.config import SearchConfig
-
-# user_attrs written by the search on its trials
-FAILURE = "failure"          # why a trial failed (counted as finished)
-CACHE_HIT = "cache_hit"      # the result was reused from an earlier trial with the same (r, M)
-CACHED_FROM = "cached_from"  # ... namely this trial number
-NOT_RUN = "not_run"          # closed without running: the budget was already filled (not counted)
-INTERRUPTED = "interrupted"  # stopped by KeyboardInterrupt / SIGTERM (not counted, re-queued)
-# study user_attrs
-SPACE_ATTR = "floe_search_space"      # the search space; a resumed or joined study must match it
-CONTEXT_ATTR = "floe_search_context"  # what the objective measures (model, data, steps...)
+from floe.search.states import (
+    CACHE_HIT, CACHED_FROM, CONTEXT_ATTR, FAILURE, INTERRUPTED, NOT_RUN, SPACE_ATTR, is_counted,
+)
 
 JSON_NAME = "search.json"
 PLOT_NAME = "search.png"
-
-
-def has_params(t: FrozenTrial) -> bool:
-    return "r" in t.params and "num_experts" in t.params
-
-
-def is_counted(t: FrozenTrial) -> bool:
-    """Finished with an outcome: complete, pruned, or failed with a recorded reason. Trials a
-    killed worker abandoned (failed-stale), interrupted ones and ones closed as over budget
-    are not counted."""
-    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
-        return True
-    return t.state == TrialState.FAIL and FAILURE in t.user_attrs
-
-
-def redact_url(url: str | None) -> str:
-    """The storage URL with its password hidden."""
-    if url is None:
-        return "memory"
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 -- a malformed URL is shown as given, minus anything before '@'
-        return url.split("@")[-1] if "@" in url else url
+CONTOUR_NAME = "search_contour.png"
 
 
 @dataclass
@@ -122,14 +94,6 @@ class SearchResult:
         done = [t for t in self.trials if t.state == "COMPLETE" and t.value is not None]
         return min(done, key=lambda t: (t.value, t.number)) if done else None
 
-    @property
-    def best_r(self) -> int | None:
-        return self.best.r if self.best else None
-
-    @property
-    def best_num_experts(self) -> int | None:
-        return self.best.num_experts if self.best else None
-
     def summary(self) -> dict[str, Any]:
         fin = self.finished
         return {
@@ -176,13 +140,24 @@ def write_json(result: SearchResult, path: str | Path) -> Path:
     return path
 
 
-def plot_trials(result: SearchResult, path: str | Path) -> Path:
-    """Trial value vs trial number with the running best (the paper's Fig. 9)."""
+def _pyplot():  # type: ignore[no-untyped-def]
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_trials(result: SearchResult, path: str | Path) -> Path:
+    """Trial value vs trial number with the running best (the paper's Fig. 9).
+
+    Drawn by hand rather than with ``optuna.visualization.matplotlib.plot_optimization_history``:
+    that plot shows complete trials only, and this one also places pruned trials at their last
+    reported loss, cache hits hollow and failures at the top; it needs only the records, so a
+    ``search.json`` can be re-plotted without the study.
+    """
+    plt = _pyplot()
     path = Path(path)
     fig, ax = plt.subplots(figsize=(9.5, 4.2), dpi=120)
     done = [t for t in result.trials if t.state == "COMPLETE" and t.value is not None]
@@ -223,11 +198,38 @@ def plot_trials(result: SearchResult, path: str | Path) -> Path:
     return path
 
 
-def write_outputs(result: SearchResult, output_dir: str | Path, plot: bool = True) -> dict[str, Path]:
+def plot_contour(study: optuna.Study, path: str | Path) -> Path | None:
+    """Validation loss over (r, M), interpolated between the complete trials: Optuna's own
+    contour plot. None (nothing written) until the complete trials vary both r and M."""
+    import warnings
+
+    from optuna.visualization import matplotlib as optuna_plots
+
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if any(len({t.params.get(k) for t in done}) < 2 for k in ("r", "num_experts")):
+        return None
+    plt = _pyplot()
+    path = Path(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        ax = optuna_plots.plot_contour(study, params=["r", "num_experts"], target_name="validation loss")
+    ax.set_title(f"Validation loss over (r, M): {len(done)} complete trials")
+    atomic_file(path, lambda tmp: ax.figure.savefig(tmp, format="png"))
+    plt.close(ax.figure)
+    return path
+
+
+def write_outputs(result: SearchResult, output_dir: str | Path, plot: bool = True,
+                  study: optuna.Study | None = None) -> dict[str, Path]:
+    """Write ``search.json`` and, with ``plot``, ``search.png`` and (given the study, once the
+    complete trials vary both r and M) ``search_contour.png``; returns the paths written."""
     out = Path(output_dir)
     paths = {"json": write_json(result, out / JSON_NAME)}
     if plot:
         paths["plot"] = plot_trials(result, out / PLOT_NAME)
+        contour = plot_contour(study, out / CONTOUR_NAME) if study is not None else None
+        if contour is not None:
+            paths["contour"] = contour
     return paths
 
 
