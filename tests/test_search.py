@@ -77,6 +77,8 @@ def test_tpe_search_finds_the_optimum_of_a_smooth_objective():
     grid_best = min(analytic(r, m) for r in cfg.ranks() for m in cfg.experts)
     assert res.best.value <= grid_best * 1.02
     assert len(res.finished) == 30
+    complete = [t for t in res.trials if t.state == "COMPLETE"]
+    assert res.best.value == min(t.value for t in complete) == analytic(res.best.r, res.best.num_experts)
 
 
 def test_a_resumed_search_proposes_new_points_instead_of_replaying_its_seed(tmp_path):
@@ -193,9 +195,47 @@ def test_median_pruner_stops_trials_that_report_bad_intermediate_losses():
         assert t.last_value > res.best.intermediate[t.last_step]
 
 
-def test_successive_halving_pruner_is_accepted():
-    res = search_rank(counting_objective([]), SearchConfig(n_trials=8, pruner="halving", halving_min_resource=1))
-    assert len(res.finished) == 8
+def test_successive_halving_pruner_stops_trials_behind_their_rung_and_records_true_values():
+    steps_run: dict[tuple[int, int], int] = {}
+
+    def objective(r, m, report):
+        for step in range(1, 5):
+            steps_run[(r, m)] = step
+            report(analytic(r, m) + 1.0 / step, step)
+        return analytic(r, m)
+
+    res = search_rank(objective, SearchConfig(n_trials=12, seed=0, pruner="halving", halving_min_resource=1))
+    assert len(res.finished) == 12
+    pruned = [t for t in res.trials if t.state == "PRUNED" and not t.cache_hit]
+    assert pruned, format_table(res)
+    for t in pruned:  # stopped where it was pruned, behind an earlier trial at that rung
+        assert steps_run[(t.r, t.num_experts)] == t.last_step
+        earlier = [u.intermediate[t.last_step] for u in res.trials
+                   if u.number < t.number and t.last_step in u.intermediate]
+        assert t.last_value == analytic(t.r, t.num_experts) + 1.0 / t.last_step
+        assert earlier and t.last_value > min(earlier)
+    complete = [t for t in res.trials if t.state == "COMPLETE"]
+    for t in complete:  # the recorded values are what the objective computed
+        assert t.value == analytic(t.r, t.num_experts)
+        assert t.intermediate == {s: analytic(t.r, t.num_experts) + 1.0 / s for s in range(1, 5)}
+    assert res.best == min(complete, key=lambda t: (t.value, t.number))
+
+
+def test_search_modules_import_one_way():
+    """No import cycle inside floe.search: the report only reads states, the study drives the rest."""
+    import ast
+    import graphlib
+
+    import floe.search
+
+    folder = Path(floe.search.__file__).parent
+    graph = {}
+    for f in folder.glob("*.py"):
+        deps = {n.module.split(".")[2] for n in ast.walk(ast.parse(f.read_text()))
+                if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("floe.search.")}
+        graph[f.stem] = deps
+    list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a cycle
+    assert graph["report"] <= {"config", "states"}
 
 
 # ----------------------------------------------------------------------------- outputs
