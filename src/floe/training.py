@@ -10,12 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import resource
-import shutil
 import statistics
 import time
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,28 +21,28 @@ import torch
 import transformers
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from floe.adapters.moe_lora.model import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
-    adapter_config,
-    load_adapter,
-    moe_lora_modules,
-    peft_model,
-    read_weights,
-    router_aux_loss,
-    save_adapter,
+from floe.adapters.moe_lora.model import adapter_config, peft_model, router_aux_loss
+from floe.arch import trainable_parameter_count
+from floe.checkpoints import (  # re-exported: floe.training is where callers import them from
+    METRICS_FILE,
+    NEUTRAL_KEYS,
+    RECORD_FILE,
+    RunRecord,
+    clear_run,
+    complete_checkpoints,
+    is_moe_lora,
+    load_run_adapter,
+    prepare_output,
+    run_config,
+    save_run_adapter,
 )
 from floe.errors import InputError
-from floe.io import atomic_dir, atomic_write_text, share_tree
+from floe.io import atomic_write_text
+
+__all__ = ["METRICS_FILE", "NEUTRAL_KEYS", "RECORD_FILE", "MoELoraTrainer", "TrainConfig", "TrainResult",
+           "clear_run", "complete_checkpoints", "run_config", "train"]
 
 logger = logging.getLogger("floe.training")
-
-METRICS_FILE = "train_metrics.json"
-RECORD_FILE = "floe_record.json"  # written last into each checkpoint: what a resume must not lose
-# Keys that do not change what a run computes: a re-run may differ in them.
-NEUTRAL_KEYS = frozenset({"output_dir", "progress_bar", "report_to", "resume", "overwrite", "save_steps",
-                          "save_total_limit", "logging_steps"})
-
 
 @dataclass
 class TrainConfig:
@@ -182,27 +179,6 @@ class MoELoraTrainer(Trainer):
         return super().create_scheduler(num_training_steps, optimizer)
 
 
-class _RunRecord(TrainerCallback):
-    """Writes, last, into every checkpoint what a resume must keep: the untrained validation loss,
-    the time trained so far and the run's settings. A checkpoint without it is incomplete."""
-
-    def __init__(self, run_config: dict[str, Any], initial_eval_loss: float | None, prior_seconds: float) -> None:
-        self.run_config, self.initial_eval_loss, self.prior_seconds = run_config, initial_eval_loss, prior_seconds
-        self.start = time.perf_counter()
-
-    def seconds(self) -> float:
-        return self.prior_seconds + time.perf_counter() - self.start
-
-    def on_save(self, args, state, control, **kw):
-        if state.is_world_process_zero:
-            record = {"step": state.global_step, "initial_eval_loss": self.initial_eval_loss,
-                      "train_seconds": self.seconds(), "run_config": self.run_config}
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            share_tree(folder)  # the Trainer's writers make some files private (0600)
-            atomic_write_text(folder / RECORD_FILE,
-                              json.dumps(record, indent=2) + "\n")
-
-
 def _peak_memory() -> tuple[float, str]:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20, "cuda max allocated"
@@ -250,117 +226,8 @@ def _has_mps() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
-def _is_moe_lora(model) -> bool:
-    return bool(moe_lora_modules(model))
-
-
 def _router_aux_coef(model) -> float:
-    return adapter_config(model).router_aux_loss_coef if _is_moe_lora(model) else 0.0
-
-
-def _adapter_settings(model) -> dict[str, Any]:
-    """The adapter's settings: MoE-LoRA's short form, or any other PEFT method's config."""
-    if _is_moe_lora(model):
-        return adapter_config(model).settings()
-    pm = peft_model(model)
-    return {k: v for k, v in pm.peft_config[pm.active_adapter].to_dict().items() if k != "revision"}
-
-
-def run_config(cfg: TrainConfig, model) -> dict[str, Any]:
-    """The settings that determine a run's result: the training ones (bar ``NEUTRAL_KEYS``) and the adapter's."""
-    settings = {"train": {k: v for k, v in asdict(cfg).items() if k not in NEUTRAL_KEYS},
-                "adapter": _adapter_settings(model)}
-    return json.loads(json.dumps(settings, default=str))  # tuples -> lists, as read back from a file
-
-
-def _save_adapter(model, folder: Path) -> None:
-    if _is_moe_lora(model):
-        save_adapter(model, folder)
-    else:  # another PEFT method (the pipeline's baselines): PEFT's own folder, written atomically
-        atomic_dir(folder, lambda tmp: peft_model(model).save_pretrained(str(tmp)))
-
-
-def _load_adapter(model, folder: Path) -> None:
-    if _is_moe_lora(model):
-        load_adapter(model, folder, trainable=True)
-    else:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(peft_model(model), read_weights(folder / "adapter_model.safetensors"))
-
-
-def _checkpoint_step(path: Path) -> int:
-    return int(path.name.split("-")[1])
-
-
-def _checkpoint_problem(ckpt: Path) -> str | None:
-    """Why ``ckpt`` cannot be resumed from (a save cut short), or None when it is complete."""
-    from safetensors import safe_open
-
-    if not (ckpt / RECORD_FILE).is_file():
-        return f"no {RECORD_FILE}: its save did not finish"
-    try:
-        json.loads((ckpt / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return "trainer_state.json is missing or cut short"
-    try:
-        with safe_open(str(ckpt / ADAPTER_WEIGHTS_NAME), framework="pt"):  # PEFT's checkpoint files
-            pass
-        json.loads((ckpt / ADAPTER_CONFIG_NAME).read_text())
-    except Exception:  # safetensors raises its own error type for a cut file
-        return "its adapter is missing or cut short"
-    for name in ("optimizer.pt", "scheduler.pt"):
-        if not zipfile.is_zipfile(ckpt / name):
-            return f"{name} is missing or cut short"
-    return None
-
-
-def complete_checkpoints(output_dir: str | os.PathLike, remove_damaged: bool = False) -> list[Path]:
-    """Checkpoints in ``output_dir`` that a run can resume from, newest first.
-
-    A damaged one (its save was killed: no record file, or a cut-short file) is skipped with a
-    one-line warning naming it, and removed when ``remove_damaged``.
-    """
-    out = Path(output_dir)
-    found = sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)),
-                   key=_checkpoint_step, reverse=True)
-    good = []
-    for ckpt in found:
-        problem = _checkpoint_problem(ckpt)
-        if problem is None:
-            good.append(ckpt)
-            continue
-        logger.warning("skipping damaged checkpoint %s (%s)%s", ckpt, problem,
-                       "; removed it" if remove_damaged else "")
-        if remove_damaged:
-            shutil.rmtree(ckpt, ignore_errors=True)
-    return good
-
-
-def clear_run(output_dir: str | os.PathLike) -> None:
-    """Remove what a training run writes into ``output_dir`` (for ``overwrite``)."""
-    out = Path(output_dir)
-    for p in [*out.glob("checkpoint-*"), out / "adapter", out / "peft_adapter", out / "runs"]:
-        shutil.rmtree(p, ignore_errors=True)
-    for name in (METRICS_FILE, "job.yaml"):
-        (out / name).unlink(missing_ok=True)
-
-
-def _earlier_run(out: Path, checkpoints: list[Path]) -> tuple[dict | None, dict | None]:
-    """(settings, finished metrics) of the run already in ``out``, from its metrics or newest checkpoint."""
-    if (out / METRICS_FILE).is_file():
-        metrics = json.loads((out / METRICS_FILE).read_text())
-        return metrics.get("run_config"), metrics
-    if checkpoints:
-        return json.loads((checkpoints[0] / RECORD_FILE).read_text())["run_config"], None
-    return None, None
-
-
-def _refuse_other_run(out: Path, differences: list[str]) -> None:
-    raise InputError(
-        f"{out} holds a run with other settings ({'; '.join(differences[:6])}"
-        f"{'; ...' if len(differences) > 6 else ''}): choose another output_dir (--output-dir), "
-        "or set overwrite: true (--overwrite) to delete that run and start afresh")
+    return adapter_config(model).router_aux_loss_coef if is_moe_lora(model) else 0.0
 
 
 def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | None = None,
@@ -374,7 +241,6 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
     checkpoint, keeping the untrained validation loss, the loss history and the time spent.
     A run with other settings there is refused (``InputError``) unless ``config.overwrite``.
     """
-    from floe.config import config_differences
     from floe.data import DataCollator
 
     cfg = config or TrainConfig()
@@ -385,24 +251,12 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
         raise InputError("train() got an empty training set")
     out = Path(cfg.output_dir)
     settings = run_config(cfg, model)
-    if cfg.overwrite:
-        clear_run(out)
-    checkpoints = complete_checkpoints(out, remove_damaged=cfg.resume) if out.is_dir() else []
-    earlier, finished = _earlier_run(out, checkpoints)
-    if earlier is not None:
-        differences = config_differences(earlier, settings)
-        if differences:
-            _refuse_other_run(out, differences)
-        if not cfg.resume:
-            raise InputError(f"{out} holds a run of these settings and resume is off: set resume: true to "
-                             "continue it, overwrite: true (--overwrite) to start afresh, or use another output_dir")
+    finished, resume_from, record = prepare_output(out, settings, cfg.resume, cfg.overwrite)
     if finished is not None:
         logger.warning("%s holds a finished run of these settings: not training again (overwrite: true "
                        "starts afresh)", out)
-        _load_adapter(model, out / "adapter")
+        load_run_adapter(model, out / "adapter")
         return TrainResult.from_dict(finished)
-    resume_from = checkpoints[0] if checkpoints else None
-    record = json.loads((resume_from / RECORD_FILE).read_text()) if resume_from else {}
 
     transformers.set_seed(cfg.seed)
     if cfg.gradient_checkpointing:
@@ -421,7 +275,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
     initial_eval = record.get("initial_eval_loss")
     if eval_data is not None and cfg.eval_before_training and resume_from is None:
         initial_eval = float(trainer.evaluate()["eval_loss"])
-    run_record = _RunRecord(settings, initial_eval, record.get("train_seconds", 0.0))
+    run_record = RunRecord(settings, initial_eval, record.get("train_seconds", 0.0))
     trainer.add_callback(run_record)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = run_record.seconds()  # this part and the parts before a resume
@@ -437,7 +291,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
         eval_losses.insert(0, (0, initial_eval))
     steady = timer.times[1:] if len(timer.times) > 1 else timer.times
     peak, kind = _peak_memory()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable, total = trainable_parameter_count(model)
     result = TrainResult(
         steps=trainer.state.global_step,
         train_losses=train_losses,
@@ -449,13 +303,13 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
         peak_memory_mb=peak,
         peak_memory_kind=kind,
         trainable_params=trainable,
-        total_params=sum(p.numel() for p in model.parameters()),
+        total_params=total,
         adapter_dir=None,
         run_config=settings,
     )
     if trainer.args.should_save:
         adapter_dir = out / "adapter"
-        _save_adapter(model, adapter_dir)
+        save_run_adapter(model, adapter_dir)
         result.adapter_dir = str(adapter_dir)
         atomic_write_text(out / METRICS_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
     return result
