@@ -26,7 +26,7 @@ from floe.adapters.moe_lora.config import MoELoraConfig
 from floe.adapters.moe_lora.settings import AdapterSettings
 from floe.adapters.moe_lora.convert import OLD_CONFIG_NAME
 from floe.adapters.moe_lora.layer import MoELoraLinear
-from floe.arch import decoder_layers
+from floe.arch import decoder_layers, trainable_parameter_count  # noqa: F401 (re-exported)
 from floe.errors import InputError
 from floe.io import atomic_dir
 
@@ -174,13 +174,6 @@ def adapter_config(model: nn.Module) -> MoELoraConfig:
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The active adapter's live parameters (A, expert B, router) by their names in ``model``."""
     return {f"{name}.{k}": p for name, v in moe_lora_modules(model).items() for k, p in v.parameters().items()}
-
-
-def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, total
 
 
 @contextlib.contextmanager
