@@ -112,7 +112,8 @@ def _evidence(base: nn.Module, adapted: nn.Module, batches: list[dict], held: li
     if "fisher" in needs:  # Eq. 8: squared per-example mask gradients of the adapted model
         t = time.perf_counter()
         evidence.fisher = mask_gradients(adapted, batches, stage="Fisher (adapted model)",
-                                         per_example=cfg.fisher == "example", progress=progress(cfg, "Fisher (adapted)"))
+                                         per_example=cfg.fisher == "example",
+                                         progress=progress(cfg, "Fisher (adapted)"))
         timings["fisher"] = time.perf_counter() - t
         losses["adapted_mean"] = float(evidence.fisher.loss.mean())
     if "adapter" in needs:  # grad_norm, fim_variance: gradients of the adapter parameters
