@@ -1,6 +1,7 @@
 """The two entry points: :func:`load_records` (text) and :func:`load_data` (token ids)."""
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -8,7 +9,7 @@ import torch
 from .records import DataError, ErrorPolicy, Record, logger, materialize
 from .sources import load_source
 from .splits import canonical_split, select
-from .tokenize import IGNORE_INDEX, tokenize_record, use_chat_template
+from .tokenize import tokenize_record, use_chat_template
 
 DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_TEST_FRACTION = 0.1
@@ -67,7 +68,12 @@ def load_records(
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
-    """A list of ``{"input_ids", "labels"}`` (lists of ints); ``examples[i]`` is the source record."""
+    """A list of ``{"input_ids", "labels"}`` (lists of ints); ``examples[i]`` is the source record.
+
+    A plain list-backed torch ``Dataset`` rather than a ``datasets.Dataset``: evaluation reads each
+    feature's source :class:`Record` (task, references, choices) beside it, which Arrow would store
+    as plain dicts, and every epoch indexes lists instead of converting Arrow rows back.
+    """
 
     def __init__(self, features: list[dict[str, list[int]]], examples: list[Record], info: dict[str, Any]):
         if len(features) != len(examples):
@@ -85,10 +91,6 @@ class TokenizedDataset(torch.utils.data.Dataset):
     @property
     def num_tokens(self) -> int:
         return sum(len(f["input_ids"]) for f in self.features)
-
-    @property
-    def num_loss_tokens(self) -> int:
-        return sum(sum(lab != IGNORE_INDEX for lab in f["labels"]) for f in self.features)
 
     def __repr__(self) -> str:
         return f"TokenizedDataset({len(self)} examples, {self.num_tokens} tokens, {self.info})"
@@ -119,37 +121,24 @@ def tokenize_records(records: list[Record], tokenizer, *, max_length: int = 1024
     return TokenizedDataset(features, kept, meta)
 
 
-def load_data(
-    source: str,
-    tokenizer,
-    *,
-    split: str = "train",
-    max_length: int = 1024,
-    fraction: float = 1.0,
-    seed: int = 42,
-    max_examples: int | None = None,
-    max_per_task: int | None = None,
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-    test_fraction: float = DEFAULT_TEST_FRACTION,
-    on_error: str = "raise",
-    truncate_prompt: bool = False,
-    template: str = "auto",
-    mixing: str = "auto",
-) -> TokenizedDataset:
+def load_data(source: str, tokenizer, *, max_length: int = 1024, truncate_prompt: bool = False,
+              template: str = "auto", **options: Any) -> TokenizedDataset:
     """Tokenised examples of one split of ``source``; labels are -100 on prompt tokens.
 
-    Uses the tokenizer's chat template when it has one (``template="auto"``), else the
-    plain ``### Instruction / ### Response`` format ending in eos. Examples longer than
-    ``max_length`` raise (naming the example) unless ``on_error="skip"`` (warn and drop)
-    or ``truncate_prompt=True`` (drop prompt tokens from the left; the final response is
-    never cut). Other arguments as in :func:`load_records`.
+    ``options`` are :func:`load_records`'s (``split``, ``fraction``, ``seed``, ``max_examples``,
+    ``max_per_task``, ``val_fraction``, ``test_fraction``, ``on_error``, ``mixing``). Uses the
+    tokenizer's chat template when it has one (``template="auto"``), else the plain
+    ``### Instruction / ### Response`` format ending in eos. Examples longer than ``max_length``
+    raise (naming the example) unless ``on_error="skip"`` (warn and drop) or
+    ``truncate_prompt=True`` (drop prompt tokens from the left; the final response is never cut).
     """
-    records = load_records(source, split=split, fraction=fraction, seed=seed, max_examples=max_examples,
-                           max_per_task=max_per_task, val_fraction=val_fraction, test_fraction=test_fraction,
-                           on_error=on_error, mixing=mixing)
+    call = inspect.signature(load_records).bind(source, **options)  # a wrong option name is a TypeError here
+    call.apply_defaults()
+    chosen = call.arguments
+    records = load_records(*call.args, **call.kwargs)
     ds = tokenize_records(records, tokenizer, max_length=max_length, template=template,
-                          truncate_prompt=truncate_prompt, on_error=on_error,
-                          info={"source": source, "split": canonical_split(split), "seed": seed,
-                                "fraction": fraction})
+                          truncate_prompt=truncate_prompt, on_error=chosen["on_error"],
+                          info={"source": source, "split": canonical_split(chosen["split"]), "seed": chosen["seed"],
+                                "fraction": chosen["fraction"]})
     logger.info("%s", ds)
     return ds

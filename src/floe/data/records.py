@@ -13,13 +13,13 @@ Every problem is reported with its location (file and line / item / row) and fie
 """
 from __future__ import annotations
 
-from floe.errors import InputError
-
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from floe.errors import InputError
 
 logger = logging.getLogger("floe.data")
 
@@ -257,6 +257,9 @@ def rows_to_records(rows: list[tuple[str, Any]], source: str, task: str, policy:
 
 
 # --- files -----------------------------------------------------------------
+# Read here rather than with datasets.load_dataset("json"/"parquet"): an error must name the file
+# and line of the bad row, on_error="skip" must drop single bad lines, and a .json file holding JSON
+# Lines must still load; load_dataset fails the whole file and writes an Arrow copy into its cache.
 
 
 def read_json_rows(path: Path, policy: ErrorPolicy) -> list[tuple[str, Any]]:

@@ -13,6 +13,10 @@ Order of operations, per task then across tasks:
 5. shuffle the result by seed.
 
 Every choice is a prefix of a seeded permutation, so larger caps give supersets.
+
+Ours rather than ``datasets.Dataset.train_test_split`` / ``shuffle``: those draw from numpy
+generators seeded by an int, so they would hold out other examples than earlier runs did, and
+their splits are not prefix-stable under caps and fractions, nor per task in a mixture.
 """
 from __future__ import annotations
 

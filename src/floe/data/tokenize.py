@@ -10,7 +10,9 @@ the plain format is::
     ### Instruction:\\n{user}\\n\\n### Response:\\n{assistant}{eos}
 
 The full text is tokenised once; a token gets its id as label when its character span
-overlaps a loss segment, else -100.
+overlaps a loss segment, else -100. (``apply_chat_template(return_assistant_tokens_mask=True)``
+would do this only for templates with ``{% generation %}`` markers, which most, SmolLM2's
+included, do not have.)
 """
 from __future__ import annotations
 

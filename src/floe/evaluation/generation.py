@@ -5,9 +5,10 @@ from typing import Any, Sequence
 
 import torch
 
-from floe.data import Record
+from floe.arch import model_device
+from floe.data import DataCollator, Record
+from floe.data.collate import longest_first
 
-from .logprobs import model_device
 from .metrics import exact_match, macro_average, mean, rouge_l
 from .prompts import draw_shots, prompt_ids, prompt_messages
 
@@ -20,13 +21,6 @@ def stop_token_ids(model, tokenizer) -> list[int]:
             if i is not None and int(i) not in ids:
                 ids.append(int(i))
     return ids
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad token nor an eos token; set tokenizer.pad_token first.")
-    return int(pad)
 
 
 @torch.no_grad()
@@ -42,19 +36,16 @@ def greedy_generate(model, tokenizer, prompts: Sequence[list[int]], *, max_new_t
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     stops = list(stop_ids) if stop_ids is not None else stop_token_ids(model, tokenizer)
-    pad = _pad_id(tokenizer)
+    collator = DataCollator(tokenizer, padding_side="left")
     device = model_device(model)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        rows = [list(prompts[i]) for i in chunk]
-        width = max(map(len, rows))
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
+    features = [{"input_ids": list(p)} for p in prompts]
+    for chunk, batch in longest_first(features, batch_size, collator):
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        width = ids.shape[1]
         gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
                              max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=stops or None,
-                             pad_token_id=pad, temperature=None, top_p=None, top_k=None,
+                             pad_token_id=collator.pad_id, temperature=None, top_p=None, top_k=None,
                              repetition_penalty=None, no_repeat_ngram_size=None)
         for i, row in zip(chunk, gen[:, width:].tolist()):
             cut = next((k for k, t in enumerate(row) if t in stops), len(row))

@@ -6,14 +6,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from floe.arch import model_device
 from floe.data import IGNORE_INDEX, DataCollator
-
-
-def model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+from floe.data.collate import longest_first
 
 
 @torch.no_grad()
@@ -28,15 +23,9 @@ def sequence_logprobs(model, tokenizer, features: Sequence[dict[str, Any]], batc
     longest first (less padding); the result is in the input order. ``progress`` is called
     with the number of sequences done after each batch.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    collator = DataCollator(tokenizer)
     device = model_device(model)
-    order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(features)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        batch = collator([features[i] for i in chunk])
+    for chunk, batch in longest_first(features, batch_size, DataCollator(tokenizer)):
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device)).logits
         labels = batch["labels"].to(device)[:, 1:]
