@@ -381,6 +381,10 @@ def test_end_to_end_selection_is_deterministic_for_a_seed(tmp_path):
     assert data["chosen"] == first.chosen and data["fingerprints"]["data"]["num_batches"] == 2  # 2 held out
     assert [p.name for p in tmp_path.iterdir()] == ["selection.json"]  # no temp file left
     assert Selection.from_json(path).to_dict() == first.to_dict()
+    data["timings"] = {("search" if k == "mask_search" else k): v for k, v in data["timings"].items()}
+    older = tmp_path / "older.json"  # written before Alg. 1's timing was named mask_search
+    older.write_text(json.dumps(data))
+    assert Selection.from_json(older).timings == first.timings
 
 
 def test_adapter_folder_and_separate_models_give_the_same_selection(tmp_path):

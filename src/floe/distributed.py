@@ -21,10 +21,14 @@ def state() -> PartialState:
     """accelerate's process state (initialises ``torch.distributed`` under torchrun when needed).
 
     Without CUDA (or MPS) the processes are CPU ones (gloo): accelerate has to be told, as
-    :mod:`floe.training` tells the Trainer, or it sees one process per torchrun worker.
+    :mod:`floe.training` tells the Trainer, or it sees one process per torchrun worker. A process
+    group made before (by a script, a test) is followed: gloo's collectives run on CPU tensors.
     """
-    mps = getattr(torch.backends, "mps", None)
-    st = PartialState(cpu=not (torch.cuda.is_available() or (mps is not None and mps.is_available())))
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() != "nccl":
+        st = PartialState(cpu=True, backend=dist.get_backend())
+    else:
+        mps = getattr(torch.backends, "mps", None)
+        st = PartialState(cpu=not (torch.cuda.is_available() or (mps is not None and mps.is_available())))
     if dist.is_available() and dist.is_initialized() and st.num_processes != dist.get_world_size():
         raise RuntimeError(f"accelerate sees {st.num_processes} processes but torch.distributed "
                            f"{dist.get_world_size()}; create the accelerate state with the right device first")
