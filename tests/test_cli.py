@@ -1,24 +1,27 @@
-"""Command line and YAML config: help, did-you-mean errors, flag overrides, an end-to-end `floe train`."""
+"""Command line and YAML config: help, did-you-mean errors, flag overrides, `floe allocate --config`,
+`python -m floe`, one import direction, an end-to-end `floe train`."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from floe.cli import build_parser, job_from_args, main
+import floe
+from floe.cli import build_parser, main
 from floe.config import ConfigError, from_dict
+from floe.flags import job_from_args
 from floe.jobs import TrainJob
+from floe.train_cli import TRAIN_FLAGS
 from train_helpers import save_tiny_model_folder, write_alpaca_jsonl
 
 
 def _job(argv):
-    args = build_parser().parse_args(["train", *argv])
-    from floe.cli import TRAIN_FLAGS
-
-    return job_from_args(TrainJob, args, TRAIN_FLAGS)
+    return job_from_args(TrainJob, build_parser().parse_args(["train", *argv]), TRAIN_FLAGS)
 
 
 def test_every_subcommand_has_complete_help(capsys):
@@ -82,3 +85,77 @@ def test_floe_train_end_to_end_on_a_local_model_folder(tmp_path):
     assert metrics["steps"] == 3
     cfg = json.loads((out / "peft_adapter" / "adapter_config.json").read_text())
     assert cfg["layers_to_transform"] == [1, 2]
+
+
+def test_no_module_imports_back_from_the_entry_point():
+    """floe.cli registers the sub-commands; only the ``python -m`` entry points may import it."""
+    src = Path(floe.__file__).parent
+    offenders = []
+    for path in sorted(src.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if "floe.cli" in names and path.name != "__main__.py":
+                offenders.append(f"{path.relative_to(src)}:{node.lineno}")
+    assert not offenders, offenders
+
+
+def test_python_dash_m_floe_is_the_floe_command():
+    proc = subprocess.run([sys.executable, "-m", "floe", "train", "--print-config"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("model:\n  name: smollm2-135m") and "\ntrain:\n" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- floe allocate --config
+
+def _allocate_job(argv):
+    from floe.allocate.cli import job_from
+
+    return job_from(build_parser().parse_args(["allocate", *argv]))
+
+
+def test_allocate_reads_a_train_config_flags_and_set_like_the_other_commands(tmp_path):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("model: {name: tiny, dtype: bfloat16}\ndata: {source: d.jsonl, max_length: 96, on_error: skip}\n"
+                   "adapter: {r: 4}\ntrain: {max_steps: 3}\n"
+                   "allocate: {budget_rank: 4, num_passes: 3, output: out, target_modules: [down_proj]}\n")
+    job = _allocate_job(["--config", str(cfg)])
+    assert (job.model.name, job.model.dtype, job.data.source, job.data.max_length) == ("tiny", "bfloat16", "d.jsonl", 96)
+    a = job.allocate
+    assert (a.budget_rank, a.num_passes, a.output, a.target_modules, a.batch_size) == (4, 3, "out", ("down_proj",), 4)
+    # a flag wins over the file, even when it gives the default value; --set wins over both
+    job = _allocate_job(["--config", str(cfg), "--budget-rank", "8", "--model", "other", "-o", "o2",
+                         "--set", "allocate.min_rank=2", "--set", "data.max_length=64"])
+    assert (job.allocate.budget_rank, job.model.name, job.allocate.output) == (8, "other", "o2")
+    assert (job.allocate.min_rank, job.data.max_length) == (2, 64)
+    assert job.allocate.allocate_config().budget_rank == 8 and not hasattr(job.allocate.allocate_config(), "output")
+    # without a file: the flag defaults of before
+    job = _allocate_job([])
+    assert (job.model.name, job.data.source, job.data.max_length) == ("smollm2-135m", "bigbench:natural_instructions", 512)
+    assert (job.allocate.budget_rank, job.allocate.seed, job.allocate.no_plot) == (8, 0, False)
+
+
+def test_allocate_config_keeps_its_older_spellings_and_refuses_typos(tmp_path):
+    cfg = tmp_path / "old.yaml"
+    cfg.write_text("model: {name: ignored}\n"
+                   "allocate: {model: tiny, dtype: float16, data: d.jsonl, max_length: 80, budget-rank: 2}\n")
+    job = _allocate_job(["--config", str(cfg)])
+    assert (job.model.name, job.model.dtype, job.data.source, job.data.max_length) == ("tiny", "float16", "d.jsonl", 80)
+    assert job.allocate.budget_rank == 2
+    cfg.write_text("allocate: {budget_rnk: 4}\n")
+    with pytest.raises(ConfigError, match="did you mean 'budget_rank'"):
+        _allocate_job(["--config", str(cfg)])
+    cfg.write_text("allocate: {method: svd}\n")
+    with pytest.raises(Exception, match="method must be fim"):
+        _allocate_job(["--config", str(cfg)])
+
+
+def test_allocate_print_config_and_errors_go_through_the_one_handler(tmp_path, capsys):
+    assert main(["allocate", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "allocate:\n  budget_rank: 8  # Average rank" in out and "  output: null  #" in out
+    assert main(["allocate", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml not found" in capsys.readouterr().err
+    assert main(["allocate", "--model", "tiny"]) == 2  # no output folder: refused before the model is loaded
+    assert capsys.readouterr().err.startswith("floe allocate: error: --output is required")

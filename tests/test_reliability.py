@@ -309,10 +309,10 @@ def test_rank_above_a_target_dimension_is_refused():
 def test_layers_flag_rejects_empty_and_malformed_text(text):
     import argparse
 
-    from floe.cli import _layers
+    from floe.flags import parse_layers
 
     with pytest.raises(argparse.ArgumentTypeError, match="0,3,5-7"):
-        _layers(text)
+        parse_layers(text)
 
 
 # ---------------------------------------------------------------- 10. floe.train works more than once

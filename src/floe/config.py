@@ -1,7 +1,7 @@
 """YAML/dict → dataclass configs with errors that name the field and suggest fixes.
 
 One YAML file configures a job (torchtune style); every field has a default and a
-one-line docstring (the string literal under it, shown by ``floe <cmd> --help-config``).
+one-line docstring (the string literal under it, shown by ``floe <cmd> --print-config``).
 """
 from __future__ import annotations
 
@@ -26,17 +26,19 @@ class ConfigError(InputError):
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each dataclass field (``x: int = 1`` then ``\"\"\"...\"\"\"``)."""
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
+    """The docstring written under each dataclass field (``x: int = 1`` then ``\"\"\"...\"\"\"``),
+    inherited fields included."""
     docs: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
-                and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        try:
+            tree = ast.parse(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                    and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
 

@@ -1,4 +1,4 @@
-"""Job configs (one YAML file each) and the Python entry points the CLI calls.
+"""The training job (one YAML file) and its Python entry point, the one ``floe train`` calls.
 
 A notebook can call ``run_train(TrainJob(...))`` exactly as ``floe train`` does.
 """
@@ -17,45 +17,8 @@ from floe.adapters.moe_lora import AdapterSettings, apply_moe_lora
 from floe.config import config_differences, to_dict
 from floe.errors import InputError
 from floe.io import atomic_write_text
+from floe.specs import DataSpec, ModelSpec, load_splits  # also importable from here, as before
 from floe.training import METRICS_FILE, NEUTRAL_KEYS, TrainConfig, TrainResult, clear_run, train
-
-
-@dataclass
-class ModelSpec:
-    """Which base model to load."""
-
-    name: str = "smollm2-135m"
-    """Built-in name (smollm2-135m), local folder, or hub id (hub needs FLOE_ONLINE=1)."""
-    dtype: str = "float32"
-    """Weights dtype: float32, bfloat16, float16 or auto."""
-
-
-@dataclass
-class DataSpec:
-    """Which data to train and validate on."""
-
-    source: str = "bigbench:natural_instructions"
-    """bigbench:<task>, bigbench:natural_instructions, a JSON/JSONL file, a dataset folder or hub name."""
-    max_length: int = 512
-    """Longest tokenised example (prompt + response); longer ones are an error unless on_error=skip."""
-    max_per_task: int | None = 60
-    """Cap on examples per task before splitting (mixtures only; None = all)."""
-    max_train_examples: int | None = None
-    """Cap on training examples after splitting (None = all)."""
-    max_eval_examples: int | None = 128
-    """Cap on validation examples (None = all)."""
-    fraction: float = 1.0
-    """Share of the training split to use (the paper's warm-up uses 0.5)."""
-    val_fraction: float = 0.1
-    """Share of each task held out for validation."""
-    test_fraction: float = 0.1
-    """Share of each task held out for test."""
-    seed: int = 42
-    """Seed of the train/validation/test split and of sampling."""
-    on_error: str = "raise"
-    """What to do with malformed or over-long examples: raise, or skip (logged)."""
-    truncate_prompt: bool = False
-    """Cut over-long prompts from the left instead of failing (the response is never cut)."""
 
 
 @dataclass
@@ -72,20 +35,6 @@ class TrainJob:
     """Optimiser, schedule, steps, checkpoints."""
     export_peft: bool = False
     """Also write a standard PEFT LoRA adapter (only when adapter.num_experts = 1)."""
-
-
-def load_splits(spec: DataSpec, tokenizer):
-    """Tokenised (train, validation) datasets for a data spec."""
-    from floe.data import load_data
-
-    common = dict(max_length=spec.max_length, seed=spec.seed, max_per_task=spec.max_per_task,
-                  val_fraction=spec.val_fraction, test_fraction=spec.test_fraction, on_error=spec.on_error,
-                  truncate_prompt=spec.truncate_prompt)
-    train_ds = load_data(spec.source, tokenizer, split="train", fraction=spec.fraction,
-                         max_examples=spec.max_train_examples, **common)
-    eval_ds = load_data(spec.source, tokenizer, split="validation", max_examples=spec.max_eval_examples, **common)
-    return train_ds, eval_ds
-
 
 
 def _finished_or_refused(job: TrainJob, out: Path) -> TrainResult | None:

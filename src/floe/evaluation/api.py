@@ -92,7 +92,7 @@ def evaluate(model, tokenizer, tasks: str | Sequence[Record], config: EvalConfig
 
     ``tasks``: a data source (``bigbench:natural_instructions``, ``bigbench:<task>[,<task>]``, a
     file ...; the ``config.split`` split, made exactly as training makes it from ``data``, a
-    :class:`floe.jobs.DataSpec` whose seed/fractions/max_length should be the training run's) or a
+    :class:`floe.specs.DataSpec` whose seed/fractions/max_length should be the training run's) or a
     list of :class:`floe.data.Record`. ``shots``: demonstration records for ``num_shots`` > 0
     (default: the train split of the source).
 
@@ -102,7 +102,7 @@ def evaluate(model, tokenizer, tasks: str | Sequence[Record], config: EvalConfig
     option log-likelihood, with the chance level), each per task and macro-averaged over tasks;
     plus ``harness`` when ``config.harness_tasks`` is set.
     """
-    from floe.jobs import DataSpec
+    from floe.specs import DataSpec
 
     config = config or EvalConfig()
     config.check()

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from floe.cli import COMMON_FLAGS
-from floe.jobs import DataSpec, ModelSpec
+from floe.flags import COMMON_FLAGS, FlagTable, add_job_command, job_from_args, parse_set
+from floe.specs import DataSpec, ModelSpec
 
 from .api import EvalConfig
 
@@ -44,7 +44,7 @@ class EvalJob:
     """Folder that receives eval.json."""
 
 
-EVAL_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+EVAL_FLAGS: FlagTable = {
     **COMMON_FLAGS,
     "--adapter": ("adapter_dir", dict(help="MoE-LoRA adapter folder (<output_dir>/adapter of floe train); omit for the base model")),
     "--split": ("eval.split", dict(help="train | validation | test (default test)")),
@@ -64,24 +64,18 @@ EVAL_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``floe eval`` on the ``floe`` command's sub-parsers."""
-    from floe.cli import EPILOG, add_job_flags
-
-    p = subparsers.add_parser(
-        "eval", help="evaluate a model or adapter: loss, exact match / ROUGE-L, multiple choice",
+    p = add_job_command(
+        subparsers, "eval", EVAL_FLAGS, run_eval,
+        help="evaluate a model or adapter: loss, exact match / ROUGE-L, multiple choice",
         description="Held-out loss and perplexity (response tokens, as training), greedy generation scored by exact "
                     "match and ROUGE-L, multiple-choice accuracy by summed option log-likelihood with its chance "
-                    "level, per task and macro-averaged; optional lm-evaluation-harness tasks. Writes eval.json.",
-        epilog=EPILOG)
-    add_job_flags(p, EVAL_FLAGS)
+                    "level, per task and macro-averaged; optional lm-evaluation-harness tasks. Writes eval.json.")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-predictions", action="store_true", help="leave the per-example answers out of eval.json")
-    p.set_defaults(func=run_eval)
     return p
 
 
 def job_from(args: argparse.Namespace) -> EvalJob:
-    from floe.cli import job_from_args
-
     # a floe train config file works as is: its adapter and train sections are not ours
     job = job_from_args(EvalJob, args, EVAL_FLAGS, other_commands_sections=("adapter", "train", "export_peft"))
     given = _data_keys_given(args)
@@ -98,11 +92,10 @@ def job_from(args: argparse.Namespace) -> EvalJob:
 
 def _data_keys_given(args: argparse.Namespace) -> set[str]:
     """``data.*`` keys the user set in the config file or with --set."""
-    from floe.cli import _parse_set
     from floe.config import load_yaml
 
     keys: set[str] = set()
-    for tree in ((load_yaml(args.config) if getattr(args, "config", None) else {}), _parse_set(getattr(args, "set", []))):
+    for tree in ((load_yaml(args.config) if getattr(args, "config", None) else {}), parse_set(getattr(args, "set", []))):
         if isinstance(tree.get("data"), dict):
             keys.update(tree["data"])
     return keys

@@ -1,21 +1,17 @@
-"""``floe run`` and ``floe report`` on the command line (thin layers over :mod:`floe.pipeline`)."""
+"""``floe run``, ``floe report`` and ``floe experiment`` on the command line (thin layers over :mod:`floe.pipeline`)."""
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from floe.cli import COMMON_FLAGS
+from floe.flags import COMMON_FLAGS, FlagTable, add_job_command, job_from_args, shared
 
-RUN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+RUN_FLAGS: FlagTable = {
     **COMMON_FLAGS,
-    "--method": ("method", {"help": "moe_lora | floe | random | first | last | spread | lisa | lora | dora | adalora"}),
+    **shared("--r", "--experts", "--max-train-examples", "--steps", steps="optimizer steps of the final training"),
+    "--method": ("method", {"help": "the method to run, one of the methods listed above (default floe)"}),
     "--k": ("k", {"type": int, "help": "layers adapted (or trainable at a time, lisa)"}),
     "--seed": ("seed", {"type": int, "help": "seed of adapter init, data order, dropout and layer draws"}),
-    "--r": ("adapter.r", {"type": int, "help": "LoRA rank"}),
-    "--experts": ("adapter.num_experts", {"type": int, "help": "number of expert B matrices"}),
-    "--steps": ("train.max_steps", {"type": int, "help": "optimizer steps of the final training"}),
     "--warmup-steps": ("warmup.max_steps", {"type": int, "help": "optimizer steps of the warm-up (floe)"}),
-    "--max-train-examples": ("data.max_train_examples", {"type": int, "help": "cap on training examples"}),
     "--eval-examples": ("eval.max_examples", {"type": int, "help": "test examples evaluated"}),
     "--compare": ("compare", {"help": "methods run beside --method, comma-separated ('' for none)"}),
     "--output-dir": ("output_dir", {"help": "where run.json, the stages and the report go"}),
@@ -23,17 +19,15 @@ RUN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def add_run_parser(sub) -> argparse.ArgumentParser:
-    from floe.cli import add_job_flags
     from floe.pipeline.config import METHODS
 
-    methods = "\n".join(f"  {name:<9} {what}" for name, (_, what) in METHODS.items())
-    p = sub.add_parser("run", help="warm-up, selection, training and evaluation of a method and its baselines",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Run one method (and the methods in `compare`) from data to scores; finished "
-                                   "stages are cached by the fingerprint of their inputs.\n\nmethods:\n" + methods)
+    methods = "\n".join(f"  {name:<14} {what}" for name, (_, what) in METHODS.items())
+    p = add_job_command(sub, "run", RUN_FLAGS, _cmd_run,
+                        help="warm-up, selection, training and evaluation of a method and its baselines",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Run one method (and the methods in `compare`) from data to scores; finished "
+                                    "stages are cached by the fingerprint of their inputs.\n\nmethods:\n" + methods)
     p.add_argument("config_file", nargs="?", help="YAML config (the same as --config)")
-    add_job_flags(p, RUN_FLAGS)
-    p.set_defaults(func=_cmd_run)
     r = sub.add_parser("report", help="compare run folders in one Markdown and one HTML file",
                        description="Read run.json of each RUN_DIR and write report.md and report.html "
                                    "(figures embedded) comparing the methods side by side.")
@@ -47,6 +41,8 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("grid", help="grid YAML file (see benchmarks/grids/)")
     e.add_argument("--summary", action="store_true", help="print mean ± std and paired differences, run nothing")
     e.add_argument("--baseline", default="random", help="variant the paired differences are taken against")
+    e.add_argument("--rerun", metavar="CELL", help="run finished CELL again from its recorded config in a fresh "
+                                                   "folder and record both validation losses (reruns.jsonl)")
     e.set_defaults(func=_cmd_experiment)
     return p
 
@@ -58,12 +54,16 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     if args.summary:
         print(summarise(list(finished(grid.results_path).values()), baseline=args.baseline))
         return 0
+    if args.rerun:
+        from floe.pipeline.experiment import rerun_cell
+
+        rerun_cell(grid, args.rerun)
+        return 0
     run_grid(grid)
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from floe.cli import job_from_args
     from floe.config import describe
     from floe.pipeline import RunConfig, run
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from floe.adapters.moe_lora import AdapterSettings
 from floe.errors import InputError
 from floe.evaluation import EvalConfig
-from floe.jobs import DataSpec, ModelSpec
+from floe.specs import DataSpec, ModelSpec
 from floe.selection import SelectionConfig
 from floe.training import TrainConfig
 

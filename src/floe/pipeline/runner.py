@@ -29,7 +29,7 @@ class _Run:
     """What every stage of one run shares: the config, the tokenizer, the splits, the stage root."""
 
     def __init__(self, cfg: RunConfig, log: Log) -> None:
-        from floe.jobs import load_splits
+        from floe.specs import load_splits
         from floe.models import load_model
 
         self.cfg, self.log = cfg, log
@@ -76,7 +76,7 @@ class _Run:
     # ------------------------------------------------------------------ stages
 
     def warmup(self) -> Stage:
-        from floe.jobs import load_splits
+        from floe.specs import load_splits
         from floe.training import train
 
         stage = Stage("warmup", {**self.common, "warmup": to_dict(self.cfg.warmup)}, self.root)

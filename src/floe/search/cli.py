@@ -4,9 +4,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from typing import Any
-
-from floe.cli import COMMON_FLAGS
+from floe.flags import COMMON_FLAGS, FlagTable, add_job_command, job_from_args, shared
 
 DESCRIPTION = """Bayesian optimisation (Optuna TPE) of the LoRA rank r and the number of experts M:
 each trial trains MoE-LoRA for --steps steps and its validation loss is the objective; a pruner
@@ -23,24 +21,12 @@ a YAML file (--config; a floe train config works: its model, data, adapter and t
 mean the same) or with --set key.path=value."""
 
 
-def _layers(text: str):  # type: ignore[no-untyped-def]
-    from floe.cli import _layers as parse
-
-    return parse(text)
-
-
 # flag -> (dotted key of SearchJob, argparse kwargs)
-SEARCH_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+SEARCH_FLAGS: FlagTable = {
     **COMMON_FLAGS,
-    "--fraction": ("data.fraction", dict(type=float, help="share of the training split trials train on (the paper's warm-up sample: 0.5)")),
-    "--max-train-examples": ("data.max_train_examples", dict(type=int, help="cap on training examples")),
-    "--max-eval-examples": ("data.max_eval_examples", dict(type=int, help="cap on validation examples")),
-    "--layers": ("adapter.layers", dict(type=_layers, help="decoder layers to adapt: 'all' (default, as the paper) or e.g. '0,3,5-7'")),
-    "--alpha": ("adapter.alpha", dict(type=float, help="LoRA alpha (scaling alpha/r)")),
-    "--targets": ("adapter.target_modules", dict(help="comma-separated module names, e.g. gate_proj,up_proj,down_proj")),
-    "--steps": ("train.max_steps", dict(type=int, help="training steps per trial (default 100)")),
-    "--batch-size": ("train.batch_size", dict(type=int, help="examples per step")),
-    "--lr": ("train.learning_rate", dict(type=float, help="peak learning rate")),
+    **shared("--fraction", "--max-train-examples", "--max-eval-examples", "--layers", "--alpha", "--targets", "--steps",
+             "--batch-size", "--lr", layers="decoder layers to adapt: 'all' (default, as the paper) or e.g. '0,3,5-7'",
+             steps="training steps per trial (default 100)", batch_size="examples per step"),
     "--bf16": ("train.bf16", dict(action="store_const", const=True, help="train under bfloat16 autocast")),
     "--eval-points": ("eval_points", dict(type=int, help="validation losses per trial, evenly spaced (default 4)")),
     "--trials": ("search.n_trials", dict(type=int, help="finished trials the study ends with (default 30)")),
@@ -60,13 +46,9 @@ SEARCH_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def add_search_parser(subparsers) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
     """Register ``floe search`` on an ``argparse`` sub-parser collection."""
-    from floe.cli import add_job_flags
-
-    p = subparsers.add_parser("search", help="Bayesian search of the LoRA rank r and expert count M",
-                              description=DESCRIPTION, epilog=EPILOG)
-    add_job_flags(p, SEARCH_FLAGS)
-    p.set_defaults(func=run_search)
-    return p
+    return add_job_command(subparsers, "search", SEARCH_FLAGS, run_search,
+                           help="Bayesian search of the LoRA rank r and expert count M",
+                           description=DESCRIPTION, epilog=EPILOG)
 
 
 def _raise_keyboard_interrupt(signum, frame):  # type: ignore[no-untyped-def]
@@ -94,7 +76,6 @@ def _quiet_progress_bars() -> None:
 def run_search(args: argparse.Namespace, log=print) -> int:  # type: ignore[no-untyped-def]
     """``floe search``: 0 when the study is done, 1 when no trial completed, 2 on bad input,
     130 when interrupted (run the same command again to resume)."""
-    from floe.cli import job_from_args
     from floe.config import describe
     from floe.search.job import SearchJob, run_search_job
 
@@ -114,10 +95,3 @@ def run_search(args: argparse.Namespace, log=print) -> int:  # type: ignore[no-u
         print("floe search: no trial completed (see the failures above)", file=sys.stderr)
         return 1
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m floe.search ...``: the same as ``floe search ...``."""
-    from floe.cli import main as floe_main
-
-    return floe_main(["search", *(sys.argv[1:] if argv is None else argv)])

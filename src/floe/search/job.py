@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from floe.adapters.moe_lora import AdapterSettings
 from floe.config import to_dict
-from floe.jobs import DataSpec, ModelSpec
+from floe.specs import DataSpec, ModelSpec
 from floe.search.config import SearchConfig, SearchError
 from floe.search.report import CONTOUR_NAME, JSON_NAME, PLOT_NAME, SearchResult, format_table, format_trial
 from floe.search.storage import DEFAULT_STUDY_NAME, default_storage_url, peek_study, redact_url
@@ -110,7 +110,7 @@ def run_search_job(job: SearchJob, log: Callable[[str], None] = print) -> Search
     the data -- before anything is written: a failed start leaves no study, folder or file behind.
     """
     from floe.arch import decoder_layers
-    from floe.jobs import load_splits
+    from floe.specs import load_splits
     from floe.models import load_model
     from floe.search.objective import make_training_objective
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from floe.cli import COMMON_FLAGS
 from floe.errors import InputError
-from floe.jobs import DataSpec, ModelSpec
+from floe.flags import COMMON_FLAGS, FlagTable, add_job_command, job_from_args, shared
 from floe.selection.api import Selection, SelectionConfig
+from floe.specs import DataSpec, ModelSpec
 
 OUTPUT_FILES = ("selection.json", "masks.safetensors", "layer_importance.png", "stability.png")
 
@@ -54,11 +53,11 @@ def _top_k(text: str) -> int | float:
 
 
 # flag → (dotted config key, argparse kwargs)
-SELECT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+SELECT_FLAGS: FlagTable = {
     **COMMON_FLAGS,
+    **shared("--fraction"),
     "--adapter": ("adapter_dir", dict(help="warm-up adapter folder written by `floe train` (<output_dir>/adapter)")),
     "--max-examples": ("data.max_train_examples", dict(type=int, help="cap on selection examples")),
-    "--fraction": ("data.fraction", dict(type=float, help="share of the train split to use")),
     "--batch-size": ("batch_size", dict(type=int, help="examples per selection batch")),
     "--num-batches": ("selection.num_batches", dict(type=int, help="use the first N batches (default: all)")),
     "--budget": ("selection.budget", dict(help="Taylor budget gamma in (0, 1)")),
@@ -79,19 +78,15 @@ SELECT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def add_select_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``floe select`` on the ``floe`` command's sub-parsers."""
-    from floe.cli import EPILOG, add_job_flags
-
-    p = subparsers.add_parser(
-        "select", help="score layers with FLoE and choose the critical ones",
+    p = add_job_command(
+        subparsers, "select", SELECT_FLAGS, run_select, help="score layers with FLoE and choose the critical ones",
         description="FLoE layer selection: Taylor cost (base model) and Fisher (warm-up adapted model) of every "
                     "head and FFN neuron, mask search (Alg. 1), refinement (Alg. 2), least-squares tuning, "
-                    "per-layer scores and the top-k layers.", epilog=EPILOG)
-    add_job_flags(p, SELECT_FLAGS)
+                    "per-layer scores and the top-k layers.")
     p.add_argument("--stability", action="store_true", help="also rank on 100/70/30%% subsamples (Fig. 7)")
     p.add_argument("--no-refine", action="store_true", help="skip the refinement stage (same as --refine none)")
     p.add_argument("--no-tune", action="store_true", help="skip the tuning stage (score the binary masks)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_select)
     return p
 
 
@@ -100,8 +95,6 @@ class _UsageError(InputError):
 
 
 def _job(args: argparse.Namespace) -> SelectJob:
-    from floe.cli import job_from_args
-
     # a `floe train` config file works as is: its adapter hyperparameters and training section are not ours
     job = job_from_args(SelectJob, args, SELECT_FLAGS, other_commands_sections=("adapter", "train", "export_peft"))
     s = job.selection
