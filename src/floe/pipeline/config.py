@@ -22,6 +22,10 @@ METHODS: dict[str, tuple[bool, str]] = {
     "lora": (False, "PEFT LoRA of rank r on every layer's targets"),
     "dora": (False, "PEFT DoRA of rank r on every layer's targets"),
     "adalora": (False, "PEFT AdaLoRA, initial rank 1.5r pruned to an average of r"),
+    "fim_lora": (False, "PEFT LoRA with FIM-LoRA's per-matrix ranks (calibration gradients, average r)"),
+    "prompt_tuning": (False, "PEFT prompt tuning: virtual_tokens trained input embeddings"),
+    "p_tuning": (False, "PEFT P-tuning: virtual_tokens embeddings from a trained MLP prompt encoder"),
+    "full": (False, "full fine-tuning: every weight of the model trained"),
 }
 
 
@@ -48,11 +52,35 @@ class SelectSpec:
 
 
 @dataclass
+class SearchSpec:
+    """Optional Bayesian search of r and M (paper §3.4) on full-layer MoE-LoRA over the warm-up sample;
+    the best (r, M) replaces ``adapter.r`` / ``adapter.num_experts`` in every trained method."""
+
+    enabled: bool = False
+    """Run the search stage (off: train with adapter.r and adapter.num_experts as given)."""
+    n_trials: int = 30
+    """Finished Optuna TPE trials (the paper: 30)."""
+    steps: int = 20
+    """Optimizer steps of each trial (a multiple of eval_points)."""
+    eval_points: int = 4
+    """Validation losses a trial reports (the median pruner reads them)."""
+    r_min: int = 2
+    """Smallest rank searched (the paper: 2)."""
+    r_max: int = 32
+    """Largest rank searched (the paper: 32)."""
+    r_step: int = 2
+    """Step between searched ranks (the paper: 2)."""
+    experts: list[int] = field(default_factory=lambda: [2, 3, 4])
+    """Candidate numbers of experts M (the paper: 2-4 single-domain, 6-10 mixed)."""
+
+
+@dataclass
 class RunConfig:
     """``floe run``: train one method on one data set, evaluate it, and record everything."""
 
     method: str = "floe"
-    """moe_lora | floe | random | first | last | spread | lisa | lora | dora | adalora (see `floe run --help`)."""
+    """One of METHODS: moe_lora, floe, random, first, last, spread, lisa, lora, dora, adalora, fim_lora,
+    prompt_tuning, p_tuning, full (see `floe run --help`)."""
     k: int = 8
     """Layers adapted (floe, random, first, last, spread) or trainable at a time (lisa)."""
     seed: int = 41
@@ -71,6 +99,12 @@ class RunConfig:
     """Layer selection (method floe only)."""
     lisa_interval: int = 20
     """LISA: redraw the trainable layers every this many steps."""
+    virtual_tokens: int = 20
+    """prompt_tuning / p_tuning: trained virtual tokens put before every input."""
+    fim_passes: int = 8
+    """fim_lora: calibration forward/backward passes (one training batch each) that score the matrices."""
+    search: SearchSpec = field(default_factory=SearchSpec)
+    """Optional rank/expert search between warm-up and selection (off by default)."""
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(split="test", max_examples=120, max_new_tokens=32))
     """Evaluation of the trained model on the test split."""
     compare: list[str] = field(default_factory=lambda: ["moe_lora"])
@@ -92,5 +126,19 @@ class RunConfig:
                 raise InputError(f"compare: unknown method {other!r}; choose from {', '.join(METHODS)}")
         if METHODS[self.method][0] and self.k < 1:
             raise InputError(f"k must be >= 1 for method {self.method}, got {self.k}")
-        if self.lisa_interval < 1:
-            raise InputError(f"lisa_interval must be >= 1, got {self.lisa_interval}")
+        for name in ("lisa_interval", "virtual_tokens", "fim_passes"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.search.enabled:  # a bad range, trial count or trial length fails here, before any stage
+            from floe.search.objective import eval_schedule
+
+            self.search_config()
+            eval_schedule(self.search.steps, self.search.eval_points)
+
+    def search_config(self):
+        """The ``floe.search.SearchConfig`` of ``search`` (seeded by the run's seed)."""
+        from floe.search import SearchConfig
+
+        s = self.search
+        return SearchConfig(r_min=s.r_min, r_max=s.r_max, r_step=s.r_step, experts=list(s.experts),
+                            n_trials=s.n_trials, seed=self.seed)

@@ -91,10 +91,19 @@ def cells(grid: Grid) -> list[tuple[str, str, RunConfig]]:
     return out
 
 
+# RunConfig fields added after the first results were recorded: left out of a cell's fingerprint
+# while they hold their default, so the recorded cells still match the grid that made them.
+LATER_FIELDS = ("virtual_tokens", "fim_passes", "search")
+
+
 def cell_fingerprint(cfg: RunConfig) -> str:
     tree = to_dict(cfg)
     for key in ("output_dir", "stage_root"):
         tree.pop(key)
+    defaults = to_dict(RunConfig())
+    for key in LATER_FIELDS:
+        if tree[key] == defaults[key]:
+            tree.pop(key)
     for key in ("progress_bar", "report_to"):
         tree["train"].pop(key, None)
     tree["eval"].pop("progress", None)
@@ -163,6 +172,36 @@ def run_grid(grid: Grid, log=print) -> int:
         summary = run(cfg, log=log)
         _append(grid.results_path, result_row(grid, cell, variant, cfg, summary, time.perf_counter() - t0))
     return len(todo)
+
+
+def rerun_cell(grid: Grid, cell: str, log=print) -> dict[str, Any]:
+    """Run a finished cell again from its recorded config, in a fresh folder (no cached stage), and
+    append the recorded and the new validation loss to ``<results folder>/reruns.jsonl``."""
+    import shutil
+
+    from floe.pipeline.runner import run
+
+    rows = [r for r in finished(grid.results_path).values() if r["cell"] == cell]
+    if not rows:
+        known = sorted(r["cell"] for r in finished(grid.results_path).values())
+        raise InputError(f"--rerun: no finished cell {cell!r} in {grid.results_path}; finished: {', '.join(known) or 'none'}")
+    row = rows[-1]
+    folder = grid.run_path.parent / "reruns" / grid.name / cell
+    shutil.rmtree(folder, ignore_errors=True)
+    cfg = from_dict(RunConfig, {**row["config"], "output_dir": str(folder), "stage_root": ""})
+    t0 = time.perf_counter()
+    summary = run(cfg, log=log)
+    new = summary["methods"][cfg.method]
+    out = {"grid": grid.name, "cell": cell, "fingerprint": row["fingerprint"], "recorded_commit": row["versions"].get("commit"),
+           "commit": _commit(), "recorded_final_eval_loss": row["metrics"]["final_eval_loss"],
+           "rerun_final_eval_loss": new["final_eval_loss"],
+           "difference": new["final_eval_loss"] - row["metrics"]["final_eval_loss"],
+           "recorded_test_loss": row["metrics"].get("test_loss"), "rerun_test_loss": new["scores"].get("test_loss"),
+           "seconds": time.perf_counter() - t0, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _append(grid.results_path.parent / "reruns.jsonl", out)
+    log(f"[floe] {cell}: recorded validation loss {out['recorded_final_eval_loss']:.6f}, "
+        f"re-run {out['rerun_final_eval_loss']:.6f} (difference {out['difference']:+.2e})")
+    return out
 
 
 # ---------------------------------------------------------------- summary

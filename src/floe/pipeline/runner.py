@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +19,7 @@ from floe.io import atomic_write_text
 from floe.pipeline import layers as L
 from floe.pipeline.config import METHODS, RunConfig
 from floe.pipeline.stages import Stage, run_stage
+from floe.pipeline.summary import format_summary, headline, versions
 from floe.training import NEUTRAL_KEYS
 
 Log = Callable[[str], None]
@@ -44,6 +44,8 @@ class _Run:
         self.root = Path(cfg.stage_root or Path(cfg.output_dir) / "stages")
         self.trained: dict[str, Any] = {}  # method → model trained in this process
         self.stages: dict[str, dict[str, Any]] = {}  # "method/stage" → what run.json records
+        self.searched: dict[str, int] = {}  # r and num_experts found by the search stage (when enabled)
+        self.search_stage: Stage | None = None
         self.common = {"model": to_dict(cfg.model), "data": to_dict(cfg.data), "seed": cfg.seed,
                        "adapter": {k: v for k, v in to_dict(cfg.adapter).items() if k not in ("layers", "base_model_name_or_path")},
                        "train": {k: v for k, v in to_dict(cfg.train).items() if k not in NEUTRAL_KEYS | {"seed"}}}
@@ -57,8 +59,13 @@ class _Run:
 
         return load_model(self.cfg.model.name, dtype=self.cfg.model.dtype)[0]
 
+    @property
+    def adapter(self):
+        """The adapter settings the final training uses: the config's, or the searched r and M."""
+        return dataclasses.replace(self.cfg.adapter, **self.searched)
+
     def attach(self, model, layers: list[int] | None) -> None:
-        adapter = dataclasses.replace(self.cfg.adapter, layers=layers, base_model_name_or_path=self.cfg.model.name)
+        adapter = dataclasses.replace(self.adapter, layers=layers, base_model_name_or_path=self.cfg.model.name)
         apply_moe_lora(model, adapter, seed=self.cfg.seed)
 
     def total_steps(self) -> int:
@@ -127,27 +134,26 @@ class _Run:
         return choose[method]() if method in choose else None
 
     def train(self, method: str, layers: list[int] | None) -> Stage:
-        from floe.pipeline.baselines import PEFT_METHODS, AdaLoraSchedule, attach_peft
-        from floe.pipeline.lisa import LisaCallback
+        from floe.pipeline.baselines import PEFT_METHODS, PROMPT_METHODS, trainable_counts
         from floe.training import train
 
         lisa = method == "lisa"
         inputs = {**self.common, "layers": layers, **({"lisa": [self.cfg.k, self.cfg.lisa_interval]} if lisa else {}),
-                  **({"peft": method} if method in PEFT_METHODS else {})}
+                  **({"peft": method} if method in PEFT_METHODS else {}),
+                  **({"virtual_tokens": self.cfg.virtual_tokens} if method in PROMPT_METHODS else {}),
+                  **({"full": True} if method == "full" else {})}
+        allocation = self.allocate() if method == "fim_lora" else None
+        if allocation is not None:
+            inputs["allocation"] = allocation.fingerprint
+        if self.searched:  # the searched r and M replace the config's (recorded so the cache tells them apart)
+            inputs["adapter"] = {**inputs["adapter"], **self.searched}
+            inputs["search"] = self.search_stage.fingerprint
         stage = Stage("train", inputs, self.root)
 
         def work(folder: Path) -> dict[str, Any]:
             model = self.base_model()
-            callbacks = []
-            if method in PEFT_METHODS:
-                attach_peft(model, method, self.cfg.adapter, layers, self.total_steps(), self.cfg.seed)
-                callbacks = [AdaLoraSchedule(model)] if method == "adalora" else []
-            else:
-                self.attach(model, layers)
-            if lisa:
-                callbacks = [LisaCallback(model, self.cfg.k, self.cfg.lisa_interval, self.cfg.seed)]
-            adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            total = sum(p.numel() for p in model.parameters())
+            callbacks = self.prepare(model, method, layers, allocation)
+            adapter, total = trainable_counts(model)
             per_step = adapter * self.cfg.k // self.num_layers if lisa else adapter
             self.log(f"[floe] {method}: {per_step:,} trainable of {total:,} parameters ({100 * per_step / total:.3f}%)"
                      + (f" at a time ({adapter:,} adapter parameters in all)" if lisa else ""))
@@ -159,9 +165,77 @@ class _Run:
         self.record(f"{method}/train", *run_stage(stage, work, self.log, f"{method}/train"))
         return stage
 
+    def prepare(self, model, method: str, layers: list[int] | None, allocation: Stage | None) -> list:
+        """Attach ``method``'s adapter to ``model`` (or unfreeze it: ``full``); the callbacks its training needs."""
+        from floe.pipeline.baselines import PEFT_METHODS, AdaLoraSchedule, attach_peft, unfreeze_all
+        from floe.pipeline.lisa import LisaCallback
+
+        if method == "full":
+            unfreeze_all(model)
+            return []
+        if method in PEFT_METHODS:
+            alloc = json.loads((allocation.dir / "allocation" / "adapter_config.json").read_text()) if allocation else None
+            attach_peft(model, method, self.adapter, layers, self.total_steps(), self.cfg.seed,
+                        virtual_tokens=self.cfg.virtual_tokens, allocation=alloc)
+            return [AdaLoraSchedule(model)] if method == "adalora" else []
+        self.attach(model, layers)
+        return [LisaCallback(model, self.cfg.k, self.cfg.lisa_interval, self.cfg.seed)] if method == "lisa" else []
+
+    def allocate(self) -> Stage:
+        """FIM-LoRA (docs/fim-lora.md): per-matrix ranks of average r from calibration gradients on the base model."""
+        from floe.allocate import AllocateConfig, allocate_ranks, save_allocation
+        from floe.data import DataCollator, iter_batches
+
+        a = self.adapter
+        config = AllocateConfig(budget_rank=a.r, target_modules=tuple(a.target_modules), num_passes=self.cfg.fim_passes,
+                                lora_alpha=a.alpha, lora_dropout=a.dropout, seed=self.cfg.seed)
+        stage = Stage("allocate", {"model": self.common["model"], "data": self.common["data"], "seed": self.cfg.seed,
+                                   "batch_size": self.cfg.train.batch_size, "config": to_dict(config)}, self.root)
+
+        def work(folder: Path) -> dict[str, Any]:
+            batches = iter_batches(self.train_ds, self.cfg.train.batch_size, DataCollator(self.tokenizer))
+            alloc = allocate_ranks(self.base_model(), batches, config)
+            save_allocation(alloc, folder / "allocation")
+            return {"ranks": alloc.rank_by_name, "total_rank": alloc.total_rank, "seconds": alloc.seconds}
+
+        self.record("fim_lora/allocate", *run_stage(stage, work, self.log, "fim_lora/allocate"))
+        return stage
+
+    def search(self) -> None:
+        """Bayesian search of (r, M) on full-layer MoE-LoRA over the warm-up sample (paper §3.4, docs/search.md);
+        the best pair replaces ``adapter.r`` and ``adapter.num_experts`` of every method trained after it."""
+        from floe.specs import load_splits
+        from floe.search import make_training_objective, search_rank
+
+        spec = self.cfg.search
+        stage = Stage("search", {**self.common, "fraction": self.cfg.warmup.fraction, "search": to_dict(spec)},
+                      self.root)
+
+        def work(folder: Path) -> dict[str, Any]:
+            data = dataclasses.replace(self.cfg.data, fraction=self.cfg.warmup.fraction)
+            train_ds, val_ds = load_splits(data, self.tokenizer)
+            objective = make_training_objective(
+                self.base_model, self.tokenizer, train_ds, val_ds,
+                dataclasses.replace(self.train_config(folder), max_steps=spec.steps),
+                adapter=dataclasses.replace(self.cfg.adapter, layers=None), eval_points=spec.eval_points)
+            result = search_rank(objective, self.cfg.search_config(), output_dir=folder / "study",
+                                 context={"search_stage": stage.fingerprint}, log=self.log)
+            if result.best is None:
+                from floe.search import SearchError
+
+                raise SearchError(f"the search finished no trial (see {folder / 'study'}); check its log")
+            return {"r": result.best.r, "num_experts": result.best.num_experts, "value": result.best.value,
+                    "trials": len(result.trials)}
+
+        record, cached = run_stage(stage, work, self.log)
+        self.record("search", record, cached)
+        self.search_stage = stage
+        self.searched = {"r": int(record["result"]["r"]), "num_experts": int(record["result"]["num_experts"])}
+
     def evaluate(self, method: str, trained: Stage) -> dict[str, Any]:
+        from floe.adapters.moe_lora.model import _PEFT_ATTR
         from floe.evaluation import evaluate
-        from floe.pipeline.baselines import PEFT_METHODS
+        from floe.pipeline.baselines import PEFT_METHODS, for_evaluation
 
         stage = Stage("eval", {"train": trained.fingerprint, "eval": to_dict(self.cfg.eval),
                                "data": to_dict(self.cfg.data)}, self.root)
@@ -173,10 +247,11 @@ class _Run:
                 if method in PEFT_METHODS:
                     from peft import PeftModel
 
-                    PeftModel.from_pretrained(model, str(trained.dir / "adapter"))  # injects in place
+                    model.__dict__[_PEFT_ATTR] = PeftModel.from_pretrained(model, str(trained.dir / "adapter"))
                 else:
                     load_adapter(model, trained.dir / "adapter")
-            result = evaluate(model, self.tokenizer, self.cfg.data.source, self.cfg.eval, data=self.cfg.data)
+            result = evaluate(for_evaluation(model, method), self.tokenizer, self.cfg.data.source, self.cfg.eval,
+                              data=self.cfg.data)
             atomic_write_text(folder / "eval.json", json.dumps(result, indent=2, default=str) + "\n")
             return headline(result)
 
@@ -192,35 +267,13 @@ class _Run:
                              "result": record["result"]}
 
 
-def headline(result: dict[str, Any]) -> dict[str, Any]:
-    """The scores a comparison reads from an eval.json."""
-    out: dict[str, Any] = {}
-    if "loss" in result:
-        out.update(test_loss=result["loss"]["loss"], perplexity=result["loss"]["perplexity"])
-    if "generate" in result:
-        out.update(exact_match=result["generate"]["exact_match"], rouge_l=result["generate"]["rouge_l"])
-    if "choice" in result:
-        out.update(choice_accuracy=result["choice"]["accuracy"], choice_chance=result["choice"]["chance"])
-    return out
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("floe", "torch", "transformers", "peft", "optuna"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def run(config: RunConfig, log: Log = print) -> dict[str, Any]:
     """Run ``config`` end to end (finished stages are skipped) and write ``<output_dir>/run.json``."""
     from floe.pipeline.stages import fingerprint
 
     r = _Run(config, log)
+    if config.search.enabled:
+        r.search()
     methods: dict[str, Any] = {}
     for method in r.methods:
         layers = r.layers(method)
@@ -235,33 +288,7 @@ def run(config: RunConfig, log: Log = print) -> dict[str, Any]:
                            "seconds_per_step": t["train"]["seconds_per_step"], "steps": t["train"]["steps"],
                            "scores": scores}
     summary = {"config": to_dict(config), "fingerprint": fingerprint(to_dict(config)), "method": config.method,
-               "methods": methods, "stages": r.stages, "num_layers": r.num_layers, "versions": _versions()}
+               "methods": methods, "stages": r.stages, "num_layers": r.num_layers, "versions": versions()}
     atomic_write_text(Path(config.output_dir) / "run.json", json.dumps(summary, indent=2, default=str) + "\n")
     log("\n" + format_summary(summary))  # on its own line after a progress bar's carriage return
     return summary
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """One line per stage (time, memory, result), then each method's scores against the first compared one."""
-    lines = []
-    for name, s in summary["stages"].items():
-        res = s["result"]
-        what = (f"chosen layers {res['chosen']}" if "chosen" in res else
-                f"validation loss {res['train']['final_eval_loss']:.4f}" if "train" in res else
-                f"validation loss {res['final_eval_loss']:.4f}" if "final_eval_loss" in res else
-                ", ".join(f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float)))
-        lines.append(f"[floe] {name:<16} {s['seconds']:8.1f} s  {s['peak_memory_mb']:7.0f} MiB  {what}"
-                     + ("  (cached)" if s["cached"] else ""))
-    methods = summary["methods"]
-    keys = ("test_loss", "exact_match", "rouge_l", "choice_accuracy")
-    lines.append("[floe] " + f"{'method':<10}" + "".join(f"{k:>16}" for k in keys) + f"{'trainable %':>14}")
-    for m, v in methods.items():
-        sc = v["scores"]
-        lines.append("[floe] " + f"{m:<10}" + "".join(f"{sc[k]:>16.4f}" if k in sc else f"{'-':>16}" for k in keys)
-                     + f"{100 * v['trainable_share']:>14.3f}")
-    main, *others = list(methods)
-    for other in others:
-        a, b = methods[main]["scores"], methods[other]["scores"]
-        diffs = ", ".join(f"{k} {a[k] - b[k]:+.4f}" for k in keys if k in a and k in b)
-        lines.append(f"[floe] {main} - {other}: {diffs} (lower loss, higher match/ROUGE-L is better)")
-    return "\n".join(lines)

@@ -1,0 +1,223 @@
+"""Render docs/results.md (and its figures) from the committed results files.
+
+    python benchmarks/render_results.py          # re-renders docs/results.md and docs/figures/results_*.png
+
+Reads benchmarks/results/table2.jsonl and table3.jsonl (the `floe experiment` grids),
+reruns.jsonl (`floe experiment GRID --rerun CELL`), pipeline_cost.json and inference_latency.json
+(the two benchmarks of that name) — whatever of them exists — and writes every table and figure
+from them, so the page never holds a number the files do not. Grids still running are rendered
+as they stand, with the count of finished cells.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from floe.pipeline.experiment import cells, finished, load_grid, summarise, t_interval  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GRIDS = ("table2", "table3")
+
+
+def _rows(grid_name: str) -> tuple[list[dict[str, Any]], int]:
+    grid = load_grid(ROOT / "benchmarks" / "grids" / f"{grid_name}.yaml")
+    path = ROOT / grid.results_path
+    rows = list(finished(path).values())
+    return rows, len(cells(grid))
+
+
+def _paired(rows: list[dict[str, Any]], data: str, k: int, metric: str, baseline: str = "random"):
+    """(variant, mean Δ, lo, hi, n) of each variant against ``baseline`` on the same seeds."""
+    by: dict[str, dict[int, float]] = defaultdict(dict)
+    for r in rows:
+        if r["data"] == data and r["k"] == k and r["metrics"].get(metric) is not None:
+            by[r["variant"]][r["seed"]] = r["metrics"][metric]
+    base = by.get(baseline, {})
+    out = []
+    for variant, vals in sorted(by.items()):
+        diffs = [v - base[s] for s, v in vals.items() if s in base]
+        if variant != baseline and diffs:
+            out.append((variant, *t_interval(diffs), len(diffs)))
+    return out
+
+
+def plot_paired(rows: list[dict[str, Any]], path: Path) -> bool:
+    datas = sorted({r["data"] for r in rows})
+    if not datas:
+        return False
+    fig, axes = plt.subplots(1, len(datas), figsize=(6 * len(datas), 4.5), squeeze=False)
+    for ax, data in zip(axes[0], datas):
+        res = _paired(rows, data, 8, "test_loss")
+        for i, (variant, mean, lo, hi, n) in enumerate(res):
+            ax.plot([mean], [i], "o", color="tab:blue")
+            if n > 1:
+                ax.plot([lo, hi], [i, i], color="tab:blue")
+        ax.axvline(0, color="grey", lw=1)
+        ax.set_yticks(range(len(res)), [f"{v} (n={n})" for v, *_, n in res])
+        ax.set_xlabel("Δ test loss vs random, same seed (lower is better); 95% t-interval")
+        ax.set_title(data.replace("bigbench:", ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> bool:
+    datas = sorted({r["data"] for r in rows})
+    if not datas:
+        return False
+    fig, axes = plt.subplots(1, len(datas), figsize=(6 * len(datas), 4.5), squeeze=False)
+    for ax, data in zip(axes[0], datas):
+        by: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for r in rows:
+            if r["data"] == data:
+                for step, loss in r["eval_losses"]:
+                    by[r["variant"]][step].append(loss)
+        for variant, steps in sorted(by.items()):
+            xs = sorted(steps)
+            ax.plot(xs, [statistics.mean(steps[x]) for x in xs], marker="o", ms=3, label=variant,
+                    ls="-" if variant.startswith(("floe", "scorer")) else "--")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("validation loss (mean over seeds)")
+        ax.set_title(data.replace("bigbench:", ""), fontsize=10)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_vs_k(rows: list[dict[str, Any]], path: Path) -> bool:
+    by: dict[str, dict[int, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        by[r["method"]][r["k"]].append(r)
+    if not any(len(ks) > 1 for ks in by.values()):
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric in zip(axes, ("test_loss", "rouge_l")):
+        for method, ks in sorted(by.items()):
+            xs = sorted(ks)
+            vals = [[r["metrics"][metric] for r in ks[k]] for k in xs]
+            ax.errorbar(xs, [statistics.mean(v) for v in vals],
+                        yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in vals], marker="o", capsize=3,
+                        label=method)
+        ax.set_xlabel("adapted layers k (of 30)")
+        ax.set_ylabel(metric.replace("_", " ") + " (mean ± std over seeds)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _reading(rows: list[dict[str, Any]]) -> list[str]:
+    """Facts only: each FLoE variant against random at k = 8, and whether the interval excludes 0."""
+    out = []
+    for data in sorted({r["data"] for r in rows}):
+        for metric, better in (("test_loss", "lower"), ("rouge_l", "higher")):
+            for variant, mean, lo, hi, n in _paired(rows, data, 8, metric):
+                if variant not in ("floe", "moe_lora", "last", "lisa"):
+                    continue
+                if n < 2:
+                    verdict = "one seed only: no interval yet"
+                elif lo > 0 or hi < 0:
+                    good = (mean < 0) == (better == "lower")
+                    verdict = f"**{'better' if good else 'worse'} than random** (interval excludes 0)"
+                else:
+                    verdict = "not distinguishable from random (interval contains 0)"
+                out.append(f"- {data.replace('bigbench:', '')}, {metric}: {variant} − random = {mean:+.4f}"
+                           + (f" [{lo:+.4f}, {hi:+.4f}]" if n > 1 else "") + f", n = {n} seeds: {verdict}.")
+    return out
+
+
+def _table5(cost: dict[str, Any]) -> list[str]:
+    lines = ["| stage | seconds | peak MiB |", "|---|---:|---:|"]
+    for name, s in cost.get("stages", {}).items():
+        lines.append(f"| {name} | {s['seconds']:.1f} | {s['peak_memory_mb']:.0f} |")
+    for key, value in cost.get("summary", {}).items():
+        lines.append(f"| {key} | {value:.3f} | |" if isinstance(value, float) else f"| {key} | {value} | |")
+    return lines
+
+
+def _table4(lat: dict[str, Any]) -> list[str]:
+    rows = lat.get("rows") or []
+    if not rows:
+        return ["```", json.dumps(lat, indent=1)[:3000], "```"]
+    keys = list(rows[0])
+    return ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"] + [
+        "| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |" for r in rows]
+
+
+def render(out: Path) -> Path:
+    figs = out.parent / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    res = ROOT / "benchmarks" / "results"
+    t2, n2 = _rows("table2")
+    t3, n3 = _rows("table3")
+    k_rows = t3 + [r for r in t2 if r["variant"] in ("floe", "random") and r["data"] == "bigbench:natural_instructions"]
+    lines = ["# Results: does FLoE's layer selection pay off on SmolLM2-135M?", "",
+             "Generated by `python benchmarks/render_results.py` from the files in `benchmarks/results/`; "
+             "do not edit by hand. Set-up, sizes and the reasons for them: `benchmarks/grids/base.yaml` and "
+             "docs/pipeline.md. Every cell: SmolLM2-135M-Instruct (float32, CPU), MoE-LoRA r = 8, M = 4 on the FFN "
+             "projections, 40 steps of batch 4 over the same fixed training set, the same seed stream for every "
+             "method; validation loss on the validation split, test loss / exact match / ROUGE-L on the test split.",
+             "", f"Progress: Table 2 grid {len(t2)} of {n2} cells, Table 3 grid {len(t3)} of {n3} cells "
+             "(k = 8 cells shared with Table 2).", "", "## Reading (k = 8, paired by seed against random)", ""]
+    lines += _reading(t2) or ["- no finished cells yet"]
+    lines += ["", "## Table 2 analogue: layer-selection policy at k = 8 of 30", "",
+              "Mean ± std over seeds; Δ = paired difference against `random` on the same seed with its 95% "
+              "Student-t interval. Reproduce: `floe experiment benchmarks/grids/table2.yaml` (resumes), then "
+              "`floe experiment benchmarks/grids/table2.yaml --summary`.", "", summarise(t2)]
+    if plot_paired(t2, figs / "results_paired.png"):
+        lines += ["![paired differences against random](figures/results_paired.png)", ""]
+    if plot_curves(t2, figs / "results_curves.png"):
+        lines += ["Validation-loss curves (mean over seeds), so a reader can see that the methods separated "
+                  "within the run:", "", "![validation loss curves](figures/results_curves.png)", ""]
+    lines += ["## Table 3 analogue: score against k", "",
+              "Reproduce: `floe experiment benchmarks/grids/table3.yaml`.", ""]
+    if plot_vs_k(k_rows, figs / "results_vs_k.png"):
+        lines += [summarise(k_rows), "![score against k](figures/results_vs_k.png)", ""]
+    else:
+        lines += ["Not run yet.", ""]
+    lines += ["## Table 5 analogue: cost of each stage", "",
+              "Reproduce on a quiet machine: `python benchmarks/pipeline_cost.py`.", ""]
+    cost = res / "pipeline_cost.json"
+    lines += (_table5(json.loads(cost.read_text())) if cost.is_file() else ["Not measured yet."]) + [""]
+    lines += ["## Table 4 analogue: inference latency", "",
+              "Reproduce on a quiet machine: `python benchmarks/inference_latency.py`.", ""]
+    lat = res / "inference_latency.json"
+    lines += (_table4(json.loads(lat.read_text())) if lat.is_file() else ["Not measured yet."]) + [""]
+    reruns = res / "reruns.jsonl"
+    lines += ["## Re-running a recorded cell", "",
+              "`floe experiment GRID.yaml --rerun CELL` trains the cell again from its recorded config in a fresh "
+              "folder (no cached stage) and records both validation losses.", ""]
+    if reruns.is_file():
+        lines += ["| cell | recorded | re-run | difference |", "|---|---:|---:|---:|"]
+        for line in reruns.read_text().splitlines():
+            r = json.loads(line)
+            lines.append(f"| {r['cell']} | {r['recorded_final_eval_loss']:.6f} | {r['rerun_final_eval_loss']:.6f} "
+                         f"| {r['difference']:+.2e} |")
+    else:
+        lines.append("None recorded yet.")
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", default=str(ROOT / "docs" / "results.md"), help="the Markdown file to write")
+    args = p.parse_args(argv)
+    print(f"wrote {render(Path(args.output))}")
+
+
+if __name__ == "__main__":
+    main()
