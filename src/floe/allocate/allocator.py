@@ -11,19 +11,17 @@ an ``Allocation``. ``Allocation.lora_config()`` is a ``peft.LoraConfig`` whose
 """
 from __future__ import annotations
 
-from floe.errors import InputError
-
 import json
-import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch.nn as nn
+
+from floe.errors import InputError
+from floe.io import atomic_dir
 
 from .fim import REDUCTIONS, SCORE_KINDS, AdaptedMatrix, attached_lora, calibration_scores, lora_matrices
 from .rounding import BudgetError, check_budget, largest_remainder, water_fill
@@ -173,10 +171,6 @@ class Allocation:
             seconds=self.seconds, matrices=rows, rank_pattern=self.rank_pattern,
         )
 
-    def save(self, output_dir: str | Path, model: nn.Module | None = None, save_adapter: bool = False,
-             plot: bool = True) -> Path:
-        return save_allocation(self, output_dir, model=model, save_adapter=save_adapter, plot=plot)
-
 
 def _peft_matches(key: str, module_name: str) -> bool:
     # PEFT 0.21 ``get_pattern_key``: a rank_pattern key is a regex matched as ``(.*\.)?(key)$``
@@ -193,15 +187,8 @@ def pattern_keys(names: list[str]) -> dict[str, str]:
     matches that exact name only. (``.`` is a regex wildcard and the leading part is free,
     so a short suffix key could match several modules; full names plus this check cannot.)
     """
-    out = {}
-    for n in names:
-        key = n if not any(_peft_matches(n, other) for other in names if other != n) else "^" + re.escape(n)
-        out[n] = key
-    for n, key in out.items():  # guaranteed, but cheap to check
-        hits = [o for o in names if _peft_matches(key, o)]
-        if hits != [n]:
-            raise AssertionError(f"rank_pattern key {key!r} matches {hits}, expected only {n!r}")
-    return out
+    return {n: n if not any(_peft_matches(n, other) for other in names if other != n) else "^" + re.escape(n)
+            for n in names}
 
 
 def allocate_ranks(model: nn.Module, batches: Iterable[dict[str, Any]], config: AllocateConfig | None = None) -> Allocation:
@@ -269,26 +256,10 @@ def save_allocation(allocation: Allocation, output_dir: str | Path, model: nn.Mo
         raise InputError("save_adapter=True needs the base model to initialise the adapter on")
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} exists and is not a folder; choose another --output")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the final folder should not be
-    try:
+
+    def write(tmp: Path) -> None:
         if save_adapter:
-            # PEFT renames the config's base model to the model's own _name_or_path (with a warning);
-            # attach with that name, then record the caller's name as the config-only path does
-            own = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-            with attached_lora(model, allocation.lora_config(base_model_name_or_path=own),
-                               allocation.config.seed) as peft_model:
-                got = {m.name: int(layer.r["default"]) for m, layer in lora_matrices(peft_model)}
-                if got != allocation.rank_by_name:
-                    raise AssertionError(f"PEFT did not apply the rank pattern: {got} vs {allocation.rank_by_name}")
-                peft_model.save_pretrained(str(tmp))
-            cfg_path = tmp / "adapter_config.json"
-            saved = json.loads(cfg_path.read_text())
-            saved["base_model_name_or_path"] = allocation.base_model_name_or_path
-            cfg_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+            _save_initialised_adapter(allocation, model, tmp)
         else:
             allocation.lora_config().save_pretrained(str(tmp))
         (tmp / "allocation.json").write_text(json.dumps(allocation.to_dict(), indent=2) + "\n")
@@ -296,13 +267,21 @@ def save_allocation(allocation: Allocation, output_dir: str | Path, model: nn.Mo
             from .plots import plot_rank_map
 
             plot_rank_map(allocation, tmp / "rank_map.png")
-        if not out.exists():
-            os.replace(tmp, out)
-        else:
-            for f in sorted(tmp.iterdir()):
-                os.replace(f, out / f.name)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
+    return atomic_dir(out, write, existing="merge")  # other files in an existing output folder stay
+
+
+def _save_initialised_adapter(allocation: Allocation, model: nn.Module, folder: Path) -> None:
+    """PEFT's adapter folder for ``allocation`` on ``model`` (A initialised with the config's seed, B = 0)."""
+    # PEFT renames the config's base model to the model's own _name_or_path (with a warning);
+    # attach with that name, then record the caller's name as the config-only path does
+    own = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    with attached_lora(model, allocation.lora_config(base_model_name_or_path=own), allocation.config.seed) as peft_model:
+        got = {m.name: int(layer.r["default"]) for m, layer in lora_matrices(peft_model)}
+        if got != allocation.rank_by_name:
+            raise AssertionError(f"PEFT did not apply the rank pattern: {got} vs {allocation.rank_by_name}")
+        peft_model.save_pretrained(str(folder))
+    cfg_path = folder / "adapter_config.json"
+    saved = json.loads(cfg_path.read_text())
+    saved["base_model_name_or_path"] = allocation.base_model_name_or_path
+    cfg_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")

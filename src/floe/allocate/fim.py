@@ -24,8 +24,6 @@ the cancellation in ``E[g^2] - E[g]^2``.
 """
 from __future__ import annotations
 
-from floe.errors import InputError
-
 import contextlib
 import math
 from dataclasses import dataclass
@@ -34,11 +32,13 @@ from typing import Any, Iterable, Iterator, Literal
 import torch
 import torch.nn as nn
 
+from floe.arch import model_device, model_inputs
+from floe.errors import InputError
+
 ScoreKind = Literal["variance", "mean_square"]
 Reduction = Literal["mean", "sum"]
 SCORE_KINDS: tuple[str, ...] = ("variance", "mean_square")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
-MODEL_INPUTS: tuple[str, ...] = ("input_ids", "attention_mask", "labels")
 
 
 @dataclass
@@ -139,11 +139,11 @@ def lora_matrices(peft_model: Any) -> list[tuple[AdaptedMatrix, nn.Module]]:
     return out
 
 
-def _model_inputs(batch: dict[str, Any], device: torch.device, where: str) -> dict[str, torch.Tensor]:
+def _calibration_inputs(batch: dict[str, Any], device: torch.device, where: str) -> dict[str, torch.Tensor]:
     if not isinstance(batch, dict) or "input_ids" not in batch:
         raise InputError(f"{where}: expected a dict with input_ids (and attention_mask, labels), got "
                          f"{type(batch).__name__}{' with keys ' + str(sorted(batch)) if isinstance(batch, dict) else ''}")
-    out = {k: torch.as_tensor(batch[k]).to(device) for k in MODEL_INPUTS if batch.get(k) is not None}
+    out = model_inputs(batch, device)
     if "labels" not in out:  # plain language modelling on every non-padding token
         labels = out["input_ids"].clone()
         if "attention_mask" in out:
@@ -192,7 +192,7 @@ def calibration_scores(peft_model: Any, batches: Iterable[dict[str, Any]], num_p
         w.requires_grad_(True)
         b_weights.append(w)
     stats = [Welford() for _ in mats]
-    device = next(p for p in peft_model.parameters()).device
+    device = model_device(peft_model)
     peft_model.eval()
     losses: list[float] = []
     tokens: list[int] = []
@@ -205,7 +205,7 @@ def calibration_scores(peft_model: Any, batches: Iterable[dict[str, Any]], num_p
                 f"the calibration data gave only {p} batches but num_passes={num_passes}; give more examples "
                 f"(or a smaller batch size) or lower the number of passes."
             ) from None
-        inputs = _model_inputs(batch, device, f"calibration batch {p}")
+        inputs = _calibration_inputs(batch, device, f"calibration batch {p}")
         for w in b_weights:
             w.grad = None
         loss = peft_model(**inputs).loss
