@@ -184,15 +184,27 @@ def test_zero_head_mask_equals_zeroing_its_o_proj_input_columns(arch):
 
 
 def test_query_heads_sharing_a_kv_head_get_separate_masks():
-    model = tiny_model("llama")
-    ids = make_batches(1)[0]["input_ids"]
-    outs = []
-    for head in (0, 1):  # both read kv head 0 (4 query heads, 2 kv heads)
-        hm = torch.ones(4, 4)
+    """GQA: query heads 0 and 1 both read kv head 0 (4 query heads, 2 kv heads). Masking one of them
+    must equal the hand-written forward (k and v repeated per query head) with only that head's
+    output zeroed, and the two heads must give different losses there."""
+    model = tiny_model("llama").double()
+    batch = make_batches(1)[0]
+    geo = unit_geometry(model)
+    assert (geo.num_heads, model.config.num_key_value_heads) == (4, 2)
+    losses = []
+    for head in (0, 1):
+        hm = torch.ones(geo.num_layers, geo.num_heads, dtype=torch.float64)
         hm[1, head] = 0.0
         with torch.no_grad(), mask_hooks(model, head=hm):
-            outs.append(model(input_ids=ids).logits)
-    assert not torch.allclose(outs[0], outs[1])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                              ignore_index=-100)  # in float64 (a model's own .loss is float32)
+        with torch.no_grad():
+            want = reference_llama_loss(model, batch, hm, torch.ones(geo.num_layers, geo.num_neurons,
+                                                                     dtype=torch.float64))
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=0)
+        losses.append(float(want))
+    assert abs(losses[0] - losses[1]) > 1e-4 * abs(losses[0])
 
 
 def test_neuron_mask_scales_the_pretrained_weights_not_the_adapter():
