@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from floe.adapters.moe_lora import AdapterSettings, apply_moe_lora
+from floe.arch import trainable_parameter_count
 from floe.config import config_differences, to_dict
 from floe.errors import InputError
 from floe.io import atomic_write_text
@@ -84,8 +85,7 @@ def run_train(job: TrainJob, log=print) -> TrainResult:
     adapter_cfg = dataclasses.replace(job.adapter, base_model_name_or_path=job.model.name)
     wrapped = apply_moe_lora(model, adapter_cfg, seed=job.train.seed)
     layers = sorted({int(n.split(".")[-3]) for n in wrapped})
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = trainable_parameter_count(model)
     log(f"[floe] MoE-LoRA r={adapter_cfg.r} M={adapter_cfg.num_experts} on {len(wrapped)} modules in "
         f"{len(layers)} layers {layers}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
     if job.train.overwrite:

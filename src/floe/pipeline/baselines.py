@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 
 from floe.adapters.moe_lora import AdapterSettings
 from floe.adapters.moe_lora.model import _PEFT_ATTR, peft_model
+from floe.arch import trainable_parameter_count
 
 LORA_METHODS = ("lora", "dora", "adalora", "fim_lora")
 PROMPT_METHODS = ("prompt_tuning", "p_tuning")
@@ -66,9 +67,7 @@ def unfreeze_all(model) -> None:
 
 def trainable_counts(model) -> tuple[int, int]:
     """(trainable, total) parameters of ``model`` with its adapter, virtual tokens included."""
-    module = peft_model(model) or model
-    params = list(module.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return trainable_parameter_count(peft_model(model) or model)
 
 
 class VirtualTokens(nn.Module):
