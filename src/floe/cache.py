@@ -10,13 +10,13 @@ Offline: with ``FLOE_OFFLINE=1``, or ``HF_HUB_OFFLINE=1`` set by the user (not t
 """
 from __future__ import annotations
 
-from floe.errors import InputError
-
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from floe.errors import InputError
 
 _TRUE = {"1", "true", "yes", "on"}
 USER_HUB_OFFLINE = "FLOE_USER_HF_HUB_OFFLINE"
@@ -105,7 +105,9 @@ def pip_download(requirement: str, dest: Path | None = None, *, fetch_command: s
             f"Fix: run `{fetch_command}` once with network access (same FLOE_CACHE), or unset "
             f"{reason.split('=')[0]}.", offline=True)
     dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest) as tmp:  # no half-downloaded file left in dest
+    # pip names the file, so it downloads into a temp folder in dest and the rename below is the atomic
+    # step (floe.io's helpers need the name first): no half-downloaded file is ever left in dest.
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "-q", requirement, "-d", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
