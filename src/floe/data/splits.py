@@ -25,7 +25,6 @@ from typing import Sequence, TypeVar
 
 T = TypeVar("T")
 
-SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "valid": "validation",
                  "dev": "validation", "test": "test", "all": "all"}
 

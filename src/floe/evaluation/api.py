@@ -79,6 +79,12 @@ class EvalConfig:
         self.metric_list()
 
 
+def _split_records(source: str, data, split: str, max_examples: int | None = None) -> list[Record]:
+    """One split of ``source``, made as training makes it from the data spec ``data``."""
+    return load_records(source, split=split, seed=data.seed, max_examples=max_examples, max_per_task=data.max_per_task,
+                        val_fraction=data.val_fraction, test_fraction=data.test_fraction, on_error=data.on_error)
+
+
 def _progress(enabled: bool, total: int, desc: str):
     from tqdm.auto import tqdm
 
@@ -112,9 +118,7 @@ def evaluate(model, tokenizer, tasks: str | Sequence[Record], config: EvalConfig
     source = tasks if isinstance(tasks, str) else None
     if source is not None:
         t0 = time.perf_counter()
-        records = load_records(source, split=config.split, seed=data.seed, max_examples=config.max_examples,
-                               max_per_task=data.max_per_task, val_fraction=data.val_fraction,
-                               test_fraction=data.test_fraction, on_error=data.on_error)
+        records = _split_records(source, data, config.split, config.max_examples)
         timings["load_data"] = time.perf_counter() - t0
     else:
         records = list(tasks)
@@ -132,9 +136,7 @@ def evaluate(model, tokenizer, tasks: str | Sequence[Record], config: EvalConfig
             if source is None:
                 raise EvalInputError(f"num_shots={config.num_shots} needs demonstration records. Fix: pass "
                                      f"shots=<train records>, a data source instead of records, or num_shots=0.")
-            shots = load_records(source, split="train", seed=data.seed, max_per_task=data.max_per_task,
-                                 val_fraction=data.val_fraction, test_fraction=data.test_fraction,
-                                 on_error=data.on_error)
+            shots = _split_records(source, data, "train")
         pools = shot_pools(shots)
     was_training = model.training
     model.eval()
