@@ -185,40 +185,34 @@ def _peak_memory() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
 
 
+# TrainConfig fields that are TrainingArguments of the same name and meaning, passed as they are.
+_PASSED_AS_IS = ("output_dir", "learning_rate", "weight_decay", "max_steps", "gradient_accumulation_steps",
+                 "max_grad_norm", "bf16", "seed", "logging_steps", "save_steps", "save_total_limit", "report_to")
+
+
 def _training_args(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
-    eval_strategy = "steps" if (has_eval and cfg.eval_steps > 0) else "no"
+    cuda = torch.cuda.is_available()
     return TrainingArguments(
-        output_dir=cfg.output_dir,
-        learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
+        **{name: getattr(cfg, name) for name in _PASSED_AS_IS},
         warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         lr_scheduler_type=cfg.lr_scheduler,
         num_train_epochs=cfg.num_epochs,
-        max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        max_grad_norm=cfg.max_grad_norm,
-        bf16=cfg.bf16,
         activation_checkpointing=cfg.gradient_checkpointing,
-        seed=cfg.seed,
         data_seed=cfg.seed,
-        logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        eval_strategy=eval_strategy,
+        eval_strategy="steps" if (has_eval and cfg.eval_steps > 0) else "no",
         eval_steps=cfg.eval_steps or None,
         save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        report_to=cfg.report_to,
         disable_tqdm=not cfg.progress_bar,
         remove_unused_columns=False,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_pin_memory=cuda,
         ddp_find_unused_parameters=False,
         optim="adamw_torch",
         # CPU-only machines: accelerate needs to be told, or torchrun processes train unsynchronised.
-        use_cpu=not (torch.cuda.is_available() or _has_mps()),
-        ddp_backend="gloo" if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        use_cpu=not (cuda or _has_mps()),
+        ddp_backend="gloo" if not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
 
 
