@@ -87,3 +87,25 @@ def test_files_a_writer_makes_private_inside_an_atomic_folder_are_shared_too(tmp
     out = atomic_dir(tmp_path / "adapter", write)
     assert _mode(out / "adapter.safetensors") == 0o644
     assert _mode(out / "run.sh") == 0o755  # execute bits kept, opened to the group and others
+
+
+def test_existing_folder_is_replaced_kept_or_merged_as_asked(tmp_path):
+    def writer(**files: str):
+        return lambda folder: [(folder / name).write_text(text) for name, text in files.items()]
+
+    def contents(folder: Path) -> dict[str, str]:
+        return {p.name: p.read_text() for p in folder.iterdir()}
+
+    target = tmp_path / "out"
+    atomic_dir(target, writer(a="1", extra="x"))
+    atomic_dir(target, writer(a="2", b="2"), existing="merge")  # new files in, other files stay
+    assert contents(target) == {"a": "2", "b": "2", "extra": "x"}
+    atomic_dir(target, writer(a="3"), existing="keep")  # another writer came first: its folder wins
+    assert contents(target) == {"a": "2", "b": "2", "extra": "x"}
+    atomic_dir(target, writer(a="4"))  # replace (the default): only the new folder's files
+    assert contents(target) == {"a": "4"}
+    atomic_dir(tmp_path / "new", writer(a="5"), existing="keep")  # nothing there yet: written
+    assert contents(tmp_path / "new") == {"a": "5"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]  # no temp folder left
+    with pytest.raises(ValueError, match="existing"):
+        atomic_dir(target, writer(a="6"), existing="overwrite")
