@@ -68,6 +68,7 @@ def test_missing_config_file_is_a_clean_error(tmp_path, capsys):
     assert "nope.yaml not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_floe_train_end_to_end_on_a_local_model_folder(tmp_path):
     model_dir = save_tiny_model_folder(tmp_path / "tiny")
     data = write_alpaca_jsonl(tmp_path / "d.jsonl", 20)
@@ -100,6 +101,7 @@ def test_no_module_imports_back_from_the_entry_point():
     assert not offenders, offenders
 
 
+@pytest.mark.slow
 def test_python_dash_m_floe_is_the_floe_command():
     proc = subprocess.run([sys.executable, "-m", "floe", "train", "--print-config"], capture_output=True, text=True,
                           timeout=300)

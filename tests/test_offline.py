@@ -100,6 +100,7 @@ def test_offline_a_cached_archive_is_used_without_network(monkeypatch, tmp_path,
     assert bigbench.fetch_archive() == downloads / "bigbench-1.0.0.tar.gz"
 
 
+@pytest.mark.slow
 def test_offline_cli_search_with_an_uncached_model_exits_2_with_one_line(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"instruction": "q", "input": "", "output": "a"}\n' * 8)

@@ -116,6 +116,7 @@ def _script(code: str, cwd: Path) -> subprocess.CompletedProcess:
                           env=ENV, cwd=cwd, timeout=600)
 
 
+@pytest.mark.slow
 def test_trained_adapter_reloads_with_peft_in_a_fresh_process_and_never_without_floe(tmp_path):
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "base")

@@ -102,6 +102,8 @@ def _bad_inputs(tmp: Path, model_dir: Path, data: Path) -> dict[str, list[str]]:
     save_adapter(m, cut)
     w = cut / "adapter_model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    typo = tmp / "allocate.yaml"
+    typo.write_text(f"model: {{name: {model_dir}}}\nallocate: {{budget_rnk: 4}}\n")
 
     def t(out, *extra, data_=data):
         return _train_argv(model_dir, data_, tmp / out, *extra)
@@ -127,6 +129,8 @@ def _bad_inputs(tmp: Path, model_dir: Path, data: Path) -> dict[str, list[str]]:
                                         "--top-k", "abc", "--output", str(tmp / "o16")],
         "allocate batch size 0": ["allocate", "--model", str(model_dir), "--data", str(data), "--batch-size", "0",
                                   "--output", str(tmp / "o17")],
+        "allocate config key with a typo": ["allocate", "--config", str(typo), "--output", str(tmp / "o18")],
+        "allocate without --output": ["allocate", "--model", str(model_dir), "--data", str(data)],
     }
 
 
@@ -150,7 +154,7 @@ def test_every_input_error_is_one_line_exit_2_without_traceback(tiny_job, tmp_pa
             failures.append(f"{name}: exit {proc.returncode}, stderr:\n{proc.stderr[-1500:]}")
     assert not failures, "\n\n".join(failures)
     # nothing half-written by the failed starts
-    for i in range(1, 18):
+    for i in range(1, 19):
         out = tmp_path / f"o{i}"
         assert not out.exists() or not any(out.iterdir()), out
 

@@ -39,6 +39,7 @@ def _args(model: Path, data: str, out: Path, *extra: str) -> list[str]:
             "--trials", "2", "--output", str(out), *extra]
 
 
+@pytest.mark.slow
 def test_a_search_started_with_a_bad_data_path_then_the_corrected_one_finishes_its_trials(tmp_path, tiny):
     model, data = tiny
     out = tmp_path / "search"
