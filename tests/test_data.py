@@ -514,6 +514,21 @@ def test_collator_right_pads_ids_labels_and_mask():
     no_pad = copy.deepcopy(tok)
     no_pad.pad_token = None
     assert D.DataCollator(no_pad)(feats)["input_ids"][1, 1].item() == tok.eos_token_id
+    left = D.DataCollator(tok, padding_side="left")(feats)  # for generation: the last column is the last token
+    assert left["input_ids"].tolist() == [[5, 6, 7], [pad, pad, 8]]
+    assert left["labels"].tolist() == [[-100, 6, 7], [-100, -100, 8]]
+    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_longest_first_batches_cover_every_feature_once_with_their_indices():
+    from floe.data.collate import longest_first
+
+    feats = [{"input_ids": list(range(1, n + 1))} for n in (2, 5, 3, 5, 1)]
+    got = list(longest_first(feats, 2, D.DataCollator(make_tokenizer())))
+    assert [idx for idx, _ in got] == [[1, 3], [2, 0], [4]]  # longest first, ties in input order
+    for idx, batch in got:
+        assert batch["input_ids"].shape == (len(idx), len(feats[idx[0]]["input_ids"]))
+        assert batch["attention_mask"].sum(1).tolist() == [len(feats[i]["input_ids"]) for i in idx]
 
 
 def test_iter_batches_covers_every_example_once_and_shuffles_by_seed(tmp_path, tokenizer):
