@@ -104,7 +104,10 @@ def add_job_flags(p: argparse.ArgumentParser, flags: FlagTable) -> None:
                    help="override any config key, e.g. --set train.warmup_ratio=0.1 (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print every config key with default and description, then exit")
     for flag, (key, kw) in flags.items():
-        p.add_argument(*flag.split(), dest=key.replace(".", "__"), default=argparse.SUPPRESS, **kw)
+        names = flag.split()
+        if not {"action", "choices", "metavar"} & set(kw):  # usage says --budget-rank BUDGET_RANK, not the dest
+            kw = {**kw, "metavar": names[0].lstrip("-").replace("-", "_").upper()}
+        p.add_argument(*names, dest=key.replace(".", "__"), default=argparse.SUPPRESS, **kw)
 
 
 def add_job_command(subparsers, name: str, flags: FlagTable, func: Callable[[argparse.Namespace], int], *,
