@@ -1,0 +1,81 @@
+"""The benchmark scripts of issue 13 run end to end in smoke mode and record what they print."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_inference_latency_smoke_records_every_variant_and_its_ratios(tmp_path):
+    out = tmp_path / "inference_latency.json"
+    _script("inference_latency").main(["--smoke", "--generate", "--reps", "2", "--new-tokens", "3",
+                                       "--out", str(out)], log=lambda s: None)
+    saved = json.loads(out.read_text())
+    rows = {(r["variant"], r["batch"]): r for r in saved["results"]}
+    variants = ("base", "moe_lora_all", "moe_lora_k", "lora_merged")
+    assert set(rows) == {(v, b) for v in variants for b in (1, 8)}
+    metrics = ("prefill_ms", "decode_ms_per_token", "generate_ms")
+    for (v, b), row in rows.items():
+        for m in metrics:
+            assert len(row[m]["samples"]) == 2 and all(x > 0 for x in row[m]["samples"])
+            assert row[m]["median"] > 0
+            if v != "base":
+                want = row[m]["median"] / rows[("base", b)][m]["median"]
+                assert math.isclose(row[m]["ratio_to_base"], want)
+    assert all(d > 0 for d in saved["max_abs_logit_diff_vs_base"].values())
+    assert saved["variants"]["moe_lora_all"]["adapter_modules"] == 4 * 3
+    k_variant = saved["variants"]["moe_lora_k"]
+    assert k_variant["layers"] == [2, 3] and k_variant["adapter_modules"] == 6
+    assert saved["machine"]["torch_threads"] >= 1 and saved["machine"]["dtype"] == "float32"
+
+
+@pytest.mark.slow
+def test_pipeline_cost_smoke_records_every_stage_and_the_equal_time_run(tmp_path):
+    out_dir, out = tmp_path / "runs", tmp_path / "pipeline_cost.json"
+    bench = _script("pipeline_cost")
+    bench.main(["--smoke", "--out-dir", str(out_dir), "--out", str(out)], log=lambda s: None)
+    saved = json.loads(out.read_text())
+    st = saved["stages"]
+    assert set(st) == {"warmup", "select", "floe/train", "floe/eval", "moe_lora/train", "moe_lora/eval",
+                       *(f"floe_equal_time/{s}" for s in ("warmup", "select", "train", "eval"))}
+    for name, s in st.items():
+        assert s["seconds"] > 0 and s["peak_memory_mb"] > 0, name
+    assert {"taylor", "fisher", "tuning"} <= set(st["select"]["timings"]) and len(st["select"]["chosen"]) == 2
+    tot, sps = saved["totals"], saved["seconds_per_step"]
+    floe_total = st["warmup"]["seconds"] + st["select"]["seconds"] + st["floe/train"]["seconds"]
+    assert math.isclose(tot["floe_total_seconds"], floe_total)
+    assert math.isclose(tot["floe_total_over_full_layer"], floe_total / st["moe_lora/train"]["seconds"])
+    peak = max(st[p]["peak_memory_mb"] for p in ("warmup", "select", "floe/train"))
+    assert math.isclose(tot["floe_peak_over_full_layer"], peak / st["moe_lora/train"]["peak_memory_mb"])
+    assert sps["floe"] > 0 and sps["moe_lora"] > 0
+    assert math.isclose(sps["floe_over_moe_lora"], sps["floe"] / sps["moe_lora"])
+    eq = saved["equal_time"]
+    assert eq["steps"] == bench.equal_time_steps(4, sps["moe_lora"], sps["floe"], 10.0)
+    assert eq["same_layers"] and eq["methods"]["floe_equal_time"]["steps"] == eq["steps"]
+    assert math.isclose(eq["train_seconds_over_moe_lora"], eq["methods"]["floe_equal_time"]["train_seconds"]
+                        / eq["methods"]["moe_lora"]["train_seconds"])
+    for m in ("moe_lora", "floe", "floe_equal_time"):
+        assert {"test_loss", "exact_match", "rouge_l"} <= set(eq["methods"][m]["scores"])
+    assert str(tmp_path) not in json.dumps(saved)  # no machine paths in the results
+    with pytest.raises(SystemExit, match="exists"):  # a second run into the same folder refuses
+        bench.main(["--smoke", "--out-dir", str(out_dir), "--out", str(out)], log=lambda s: None)
+
+
+def test_equal_time_steps_scales_by_the_speed_ratio_and_is_capped():
+    steps = _script("pipeline_cost").equal_time_steps
+    assert steps(40, 2.0, 1.0, 10.0) == 80
+    assert steps(40, 1.0, 3.0, 10.0) == 13
+    assert steps(40, 100.0, 1.0, 10.0) == 400 and steps(4, 0.01, 1.0, 10.0) == 1
