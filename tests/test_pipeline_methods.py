@@ -128,3 +128,52 @@ def test_fields_added_later_leave_recorded_cell_fingerprints_alone():
     assert cell_fingerprint(cfg) == row["fingerprint"]
     cfg.virtual_tokens = 7
     assert cell_fingerprint(cfg) != row["fingerprint"]
+def test_full_fine_tuning_trains_every_weight_and_evaluates_from_a_cached_stage(tmp_path):
+    import shutil
+
+    first = run(_config(tmp_path, method="full", compare=[], **{"train.max_steps": 2, "train.save_steps": 1}),
+                log=lambda s: None)
+    m = first["methods"]["full"]
+    assert m["trainable_params"] == m["total_params"] == sum(p.numel() for p in tiny_model("llama").parameters())
+    shutil.rmtree(first["stages"]["full/eval"]["dir"])
+    log: list[str] = []
+    again = run(_config(tmp_path, method="full", compare=[], **{"train.max_steps": 2, "train.save_steps": 1}),
+                log=log.append)
+    assert _ran(log) == ["full/eval"]
+    assert again["methods"]["full"]["scores"]["test_loss"] == pytest.approx(m["scores"]["test_loss"], abs=1e-5)
+
+
+
+
+def test_full_fine_tuning_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    from floe.training import TrainConfig, train
+    from train_helpers import KillAfter, Killed, tokenized
+
+    data = tokenized(16, tmp_path)
+
+    def cfg(name):
+        return TrainConfig(output_dir=str(tmp_path / name), max_steps=4, batch_size=4, save_steps=2, report_to=[],
+                           progress_bar=False, learning_rate=1e-3, seed=5)
+
+    def model():
+        m = tiny_model("llama")
+        for p in m.parameters():
+            p.requires_grad_(True)
+        return m
+
+    whole = model()
+    train(whole, make_tokenizer(), data, None, cfg("whole"), full=True)
+    with pytest.raises(Killed):
+        train(model(), make_tokenizer(), data, None, cfg("cut"), [KillAfter(2)], full=True)
+    assert (tmp_path / "cut" / "checkpoint-2" / "model.safetensors").is_file()
+    resumed = model()
+    res = train(resumed, make_tokenizer(), data, None, cfg("cut"), full=True)
+    assert res.steps == 4 and (tmp_path / "cut" / "model" / "model.safetensors").is_file()
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    with pytest.raises(ValueError, match="adapter attached"):
+        from floe.adapters.moe_lora import MoELoraConfig, apply_moe_lora
+
+        m = tiny_model("llama")
+        apply_moe_lora(m, MoELoraConfig(r=2, num_experts=2))
+        train(m, make_tokenizer(), data, None, cfg("bad"), full=True)

@@ -36,6 +36,7 @@ from floe.io import atomic_dir, atomic_write_text, share_tree
 logger = logging.getLogger("floe.training")
 
 METRICS_FILE = "train_metrics.json"
+FULL_WEIGHTS_NAME = "model.safetensors"  # full fine-tuning: the Trainer's and save_pretrained's file
 RECORD_FILE = "floe_record.json"  # written last into each checkpoint: what a resume must not lose
 # Keys that do not change what a run computes: a re-run may differ in them.
 NEUTRAL_KEYS = frozenset({"output_dir", "progress_bar", "report_to", "resume", "overwrite", "save_steps",
@@ -76,12 +77,13 @@ def _checkpoint_problem(ckpt: Path) -> str | None:
         json.loads((ckpt / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return "trainer_state.json is missing or cut short"
+    full = not (ckpt / ADAPTER_CONFIG_NAME).exists() and (ckpt / FULL_WEIGHTS_NAME).exists()  # full fine-tuning
     try:
-        with safe_open(str(ckpt / ADAPTER_WEIGHTS_NAME), framework="pt"):  # PEFT's checkpoint files
+        with safe_open(str(ckpt / (FULL_WEIGHTS_NAME if full else ADAPTER_WEIGHTS_NAME)), framework="pt"):
             pass
-        json.loads((ckpt / ADAPTER_CONFIG_NAME).read_text())
+        json.loads((ckpt / ("config.json" if full else ADAPTER_CONFIG_NAME)).read_text())
     except Exception:  # safetensors raises its own error type for a cut file
-        return "its adapter is missing or cut short"
+        return f"its {'model' if full else 'adapter'} is missing or cut short"
     for name in ("optimizer.pt", "scheduler.pt"):
         if not zipfile.is_zipfile(ckpt / name):
             return f"{name} is missing or cut short"
@@ -113,7 +115,7 @@ def complete_checkpoints(output_dir: str | os.PathLike, remove_damaged: bool = F
 def clear_run(output_dir: str | os.PathLike) -> None:
     """Remove what a training run writes into ``output_dir`` (for ``overwrite``)."""
     out = Path(output_dir)
-    for p in [*out.glob("checkpoint-*"), out / "adapter", out / "peft_adapter", out / "runs"]:
+    for p in [*out.glob("checkpoint-*"), out / "adapter", out / "model", out / "peft_adapter", out / "runs"]:
         shutil.rmtree(p, ignore_errors=True)
     for name in (METRICS_FILE, "job.yaml"):
         (out / name).unlink(missing_ok=True)
@@ -170,6 +172,8 @@ def is_moe_lora(model) -> bool:
 
 def _adapter_settings(model) -> dict[str, Any]:
     """The adapter's settings: MoE-LoRA's short form, or any other PEFT method's config."""
+    if peft_model(model) is None:
+        return {"full_finetune": True}
     if is_moe_lora(model):
         return adapter_config(model).settings()
     pm = peft_model(model)
@@ -184,9 +188,17 @@ def run_config(cfg: Any, model) -> dict[str, Any]:
     return json.loads(json.dumps(settings, default=str))  # tuples -> lists, as read back from a file
 
 
+def weights_folder(out: Path, model) -> Path:
+    """Where a finished run's weights go: ``adapter/``, or ``model/`` for full fine-tuning (no adapter)."""
+    return out / ("model" if peft_model(model) is None else "adapter")
+
+
 def save_run_adapter(model, folder: Path) -> None:
-    """Save a run's final adapter: MoE-LoRA's own files, or PEFT's for any other method."""
-    if is_moe_lora(model):
+    """Save a run's final adapter: MoE-LoRA's own files, or PEFT's for any other method (full
+    fine-tuning: the whole model, ``save_pretrained``'s safetensors)."""
+    if peft_model(model) is None:
+        atomic_dir(folder, lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True))
+    elif is_moe_lora(model):
         save_adapter(model, folder)
     else:  # another PEFT method (the pipeline's baselines): PEFT's own folder, written atomically
         atomic_dir(folder, lambda tmp: peft_model(model).save_pretrained(str(tmp)))
@@ -194,9 +206,20 @@ def save_run_adapter(model, folder: Path) -> None:
 
 def load_run_adapter(model, folder: Path) -> None:
     """Load a finished run's adapter (written by :func:`save_run_adapter`) into ``model``, trainable."""
-    if is_moe_lora(model):
+    if peft_model(model) is None:
+        load_full_weights(model, folder)
+    elif is_moe_lora(model):
         load_adapter(model, folder, trainable=True)
     else:
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(peft_model(model), read_weights(folder / ADAPTER_WEIGHTS_NAME))
+
+
+def load_full_weights(model, folder: Path) -> None:
+    """Load a full fine-tuning's ``model.safetensors`` into ``model`` (a tied output matrix may be absent)."""
+    missing, unexpected = model.load_state_dict(read_weights(folder / FULL_WEIGHTS_NAME), strict=False)
+    tied = {"lm_head.weight"} if getattr(getattr(model, "config", None), "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise InputError(f"{folder / FULL_WEIGHTS_NAME} does not fit the model: missing {sorted(set(missing) - tied)[:4]}, "
+                         f"unexpected {sorted(unexpected)[:4]}; was it saved from another base model?")

@@ -35,6 +35,7 @@ from floe.checkpoints import (  # re-exported: floe.training is where callers im
     prepare_output,
     run_config,
     save_run_adapter,
+    weights_folder,
 )
 from floe.errors import InputError
 from floe.io import atomic_write_text
@@ -225,8 +226,10 @@ def _router_aux_coef(model) -> float:
 
 
 def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | None = None,
-          callbacks: list[TrainerCallback] | None = None) -> TrainResult:
-    """Train the MoE-LoRA adapter already applied to ``model`` (see ``apply_moe_lora``).
+          callbacks: list[TrainerCallback] | None = None, *, full: bool = False) -> TrainResult:
+    """Train the MoE-LoRA adapter already applied to ``model`` (see ``apply_moe_lora``), any other PEFT
+    adapter, or with ``full=True`` the model itself (full fine-tuning: no adapter; the weights go to
+    ``<output_dir>/model``).
 
     Saves the final adapter to ``<output_dir>/adapter`` and the metrics to
     ``<output_dir>/train_metrics.json``. When ``output_dir`` holds an earlier run of the same
@@ -238,7 +241,9 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
     from floe.data import DataCollator
 
     cfg = config or TrainConfig()
-    if peft_model(model) is None:
+    if full and peft_model(model) is not None:
+        raise ValueError("train(full=True) fine-tunes the model itself, but it has an adapter attached")
+    if not full and peft_model(model) is None:
         raise ValueError("train() needs a model with an adapter: call floe.apply_moe_lora(model, MoELoraConfig(...)) "
                          "or peft.get_peft_model(model, floe.MoELoraConfig(...)) (any PEFT config works) first")
     if len(train_data) == 0:
@@ -249,7 +254,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
     if finished is not None:
         logger.warning("%s holds a finished run of these settings: not training again (overwrite: true "
                        "starts afresh)", out)
-        load_run_adapter(model, out / "adapter")
+        load_run_adapter(model, weights_folder(out, model))
         return TrainResult.from_dict(finished)
 
     transformers.set_seed(cfg.seed)
@@ -258,7 +263,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
     args = _training_args(cfg, eval_data is not None)
     timer = _StepTimer()
     trainer = MoELoraTrainer(
-        model=peft_model(model),
+        model=model if full else peft_model(model),
         args=args,
         train_dataset=train_data,
         eval_dataset=eval_data,
@@ -302,7 +307,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
         run_config=settings,
     )
     if trainer.args.should_save:
-        adapter_dir = out / "adapter"
+        adapter_dir = weights_folder(out, model)
         save_run_adapter(model, adapter_dir)
         result.adapter_dir = str(adapter_dir)
         atomic_write_text(out / METRICS_FILE, json.dumps(result.to_dict(), indent=2) + "\n")

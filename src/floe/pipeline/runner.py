@@ -157,7 +157,8 @@ class _Run:
             per_step = adapter * self.cfg.k // self.num_layers if lisa else adapter
             self.log(f"[floe] {method}: {per_step:,} trainable of {total:,} parameters ({100 * per_step / total:.3f}%)"
                      + (f" at a time ({adapter:,} adapter parameters in all)" if lisa else ""))
-            res = train(model, self.tokenizer, self.train_ds, self.val_ds, self.train_config(folder), callbacks)
+            res = train(model, self.tokenizer, self.train_ds, self.val_ds, self.train_config(folder), callbacks,
+                        full=method == "full")
             self.trained[method] = model
             return {"train": res.to_dict(), "layers": layers, "trainable_params": per_step, "adapter_params": adapter,
                     "total_params": total, "lisa_draws": callbacks[0].history if lisa else None}
@@ -244,7 +245,11 @@ class _Run:
             model = self.trained.get(method)
             if model is None:  # trained in an earlier process: its adapter is in the stage folder
                 model = self.base_model()
-                if method in PEFT_METHODS:
+                if method == "full":
+                    from floe.checkpoints import load_full_weights
+
+                    load_full_weights(model, trained.dir / "model")
+                elif method in PEFT_METHODS:
                     from peft import PeftModel
 
                     model.__dict__[_PEFT_ATTR] = PeftModel.from_pretrained(model, str(trained.dir / "adapter"))
