@@ -22,6 +22,7 @@ from floe.config import from_dict, load_yaml, merge, to_dict
 from floe.errors import InputError
 from floe.pipeline.config import RunConfig
 from floe.pipeline.stages import fingerprint
+from floe.provenance import git_commit
 
 METRICS = ("final_eval_loss", "test_loss", "exact_match", "rouge_l", "choice_accuracy")
 
@@ -143,20 +144,8 @@ def result_row(grid: Grid, cell: str, variant: str, cfg: RunConfig, summary: dic
             "seconds_per_step": m["seconds_per_step"],
             "stages": {k: {"seconds": v["seconds"], "peak_memory_mb": v["peak_memory_mb"], "cached": v["cached"]}
                        for k, v in stages.items()},
-            "cell_seconds": seconds, "config": to_dict(cfg), "versions": {**summary["versions"], "commit": _commit()},
+            "cell_seconds": seconds, "config": to_dict(cfg), "versions": {**summary["versions"], "commit": git_commit()},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-def _commit() -> str | None:
-    """The code's git commit, when it runs from a checkout (results name the code that made them)."""
-    import subprocess
-
-    try:
-        proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).parent)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return proc.stdout.strip() or None
 
 
 def run_grid(grid: Grid, log=print) -> int:
@@ -193,7 +182,7 @@ def rerun_cell(grid: Grid, cell: str, log=print) -> dict[str, Any]:
     summary = run(cfg, log=log)
     new = summary["methods"][cfg.method]
     out = {"grid": grid.name, "cell": cell, "fingerprint": row["fingerprint"], "recorded_commit": row["versions"].get("commit"),
-           "commit": _commit(), "recorded_final_eval_loss": row["metrics"]["final_eval_loss"],
+           "commit": git_commit(), "recorded_final_eval_loss": row["metrics"]["final_eval_loss"],
            "rerun_final_eval_loss": new["final_eval_loss"],
            "difference": new["final_eval_loss"] - row["metrics"]["final_eval_loss"],
            "recorded_test_loss": row["metrics"].get("test_loss"), "rerun_test_loss": new["scores"].get("test_loss"),

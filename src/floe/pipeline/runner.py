@@ -19,7 +19,8 @@ from floe.io import atomic_write_text
 from floe.pipeline import layers as L
 from floe.pipeline.config import METHODS, RunConfig
 from floe.pipeline.stages import Stage, run_stage
-from floe.pipeline.summary import format_summary, headline, versions
+from floe.pipeline.summary import format_summary, headline
+from floe.provenance import package_versions
 from floe.training import NEUTRAL_KEYS
 
 Log = Callable[[str], None]
@@ -293,7 +294,7 @@ def run(config: RunConfig, log: Log = print) -> dict[str, Any]:
                            "seconds_per_step": t["train"]["seconds_per_step"], "steps": t["train"]["steps"],
                            "scores": scores}
     summary = {"config": to_dict(config), "fingerprint": fingerprint(to_dict(config)), "method": config.method,
-               "methods": methods, "stages": r.stages, "num_layers": r.num_layers, "versions": versions()}
+               "methods": methods, "stages": r.stages, "num_layers": r.num_layers, "versions": package_versions()}
     atomic_write_text(Path(config.output_dir) / "run.json", json.dumps(summary, indent=2, default=str) + "\n")
     log("\n" + format_summary(summary))  # on its own line after a progress bar's carriage return
     return summary

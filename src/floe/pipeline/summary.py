@@ -1,7 +1,6 @@
-"""What a ``floe run`` prints and records at the end: headline scores, package versions, one line per stage."""
+"""What a ``floe run`` prints and records at the end: headline scores and one line per stage."""
 from __future__ import annotations
 
-import platform
 from typing import Any
 
 
@@ -14,18 +13,6 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
         out.update(exact_match=result["generate"]["exact_match"], rouge_l=result["generate"]["rouge_l"])
     if "choice" in result:
         out.update(choice_accuracy=result["choice"]["accuracy"], choice_chance=result["choice"]["chance"])
-    return out
-
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("floe", "torch", "transformers", "peft", "optuna"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
     return out
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from floe.arch import trainable_parameter_count
+from floe.provenance import package_versions
 from floe.selection.config import SelectionConfig, jsonable
 
 
@@ -62,15 +63,7 @@ def data_fingerprint(batches: list[dict]) -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     """Versions of floe, torch and transformers."""
-    import transformers
-
-    try:
-        from importlib.metadata import version
-
-        floe_version = version("floe")
-    except Exception:  # pragma: no cover - not installed
-        floe_version = "unknown"
-    return {"floe": floe_version, "torch": torch.__version__, "transformers": transformers.__version__}
+    return package_versions(("floe", "torch", "transformers"), python=False)
 
 
 def input_fingerprints(base: nn.Module, adapter: dict[str, Any], batches: list[dict], cfg: SelectionConfig,
