@@ -229,7 +229,7 @@ def summarise(times: dict[tuple[str, int], dict[str, list[float]]], seed: int, n
 # ----------------------------------------------------------------------------- report
 
 def machine(device: torch.device, dtype: torch.dtype, threads: int) -> dict[str, Any]:
-    import importlib.metadata as md
+    from floe.provenance import package_versions
 
     cpu = platform.processor()
     try:
@@ -240,14 +240,9 @@ def machine(device: torch.device, dtype: torch.dtype, threads: int) -> dict[str,
     out: dict[str, Any] = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
                            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                            "torch_threads": threads, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-                           "python": platform.python_version()}
+                           **package_versions(("torch", "transformers", "peft", "floe"))}
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
-    for pkg in ("torch", "transformers", "peft", "floe"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
     return out
 
 

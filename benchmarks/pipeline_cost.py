@@ -46,6 +46,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from floe.provenance import package_versions
+
 HERE = Path(__file__).resolve().parent
 BASE_CONFIG = HERE / "grids" / "base.yaml"
 DEFAULT_OUT = HERE / "results" / "pipeline_cost.json"
@@ -251,18 +253,6 @@ def format_report(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("floe", "torch", "transformers", "peft"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def _machine() -> dict[str, Any]:
     import torch
 
@@ -383,7 +373,7 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
         "total_wall_seconds": time.perf_counter() - t0,
         "run_wall_seconds": {name: r["wall_seconds"] for name, r in runs.items()},
         "configs": {name: _portable(r["config"], args.smoke) for name, r in runs.items()},
-        "versions": _versions(),
+        "versions": package_versions(),
         "machine": _machine(),
         "report": report,
     }

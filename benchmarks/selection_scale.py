@@ -18,7 +18,8 @@ import time
 import torch
 
 from floe.selection.determination import determine, repair_budget
-from floe.selection.refinement import refine_block, refine_paper
+from floe.selection.refine_block import refine_block
+from floe.selection.refinement import refine_paper
 
 TARGET_S = 10.0
 

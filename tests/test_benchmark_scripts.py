@@ -79,3 +79,18 @@ def test_equal_time_steps_scales_by_the_speed_ratio_and_is_capped():
     assert steps(40, 2.0, 1.0, 10.0) == 80
     assert steps(40, 1.0, 3.0, 10.0) == 13
     assert steps(40, 100.0, 1.0, 10.0) == 400 and steps(4, 0.01, 1.0, 10.0) == 1
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")))
+def test_every_floe_name_a_benchmark_imports_exists(script):
+    """Benchmarks import library internals (often inside functions): a refactor that moves a name
+    must move the benchmark's import too, or the benchmark breaks only when someone runs it."""
+    import ast
+    import importlib
+
+    tree = ast.parse((BENCH / script).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "floe":
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name), f"{script}:{node.lineno}: {node.module} has no {alias.name}"
