@@ -139,22 +139,12 @@ def _reading(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def _table5(cost: dict[str, Any]) -> list[str]:
-    lines = ["| stage | seconds | peak MiB |", "|---|---:|---:|"]
-    for name, s in cost.get("stages", {}).items():
-        lines.append(f"| {name} | {s['seconds']:.1f} | {s['peak_memory_mb']:.0f} |")
-    for key, value in cost.get("summary", {}).items():
-        lines.append(f"| {key} | {value:.3f} | |" if isinstance(value, float) else f"| {key} | {value} | |")
-    return lines
-
-
-def _table4(lat: dict[str, Any]) -> list[str]:
-    rows = lat.get("rows") or []
-    if not rows:
-        return ["```", json.dumps(lat, indent=1)[:3000], "```"]
-    keys = list(rows[0])
-    return ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"] + [
-        "| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |" for r in rows]
+def _measured(result: dict[str, Any], text_key: str) -> list[str]:
+    """A benchmark's own table (as it printed it), with when and where it was measured."""
+    m = result.get("machine", {})
+    where = ", ".join(f"{k} {m[k]}" for k in ("cpu", "cpus_usable", "torch_threads", "gpu") if m.get(k))
+    return [f"Measured {result.get('date', '?')} ({where or 'machine not recorded'}):", "", "```",
+            result.get(text_key, "").rstrip(), "```"]
 
 
 def render(out: Path) -> Path:
@@ -172,11 +162,15 @@ def render(out: Path) -> Path:
              "method; validation loss on the validation split, test loss / exact match / ROUGE-L on the test split.",
              "", f"Progress: Table 2 grid {len(t2)} of {n2} cells, Table 3 grid {len(t3)} of {n3} cells "
              "(k = 8 cells shared with Table 2).", "", "## Reading (k = 8, paired by seed against random)", ""]
-    lines += _reading(t2) or ["- no finished cells yet"]
+    lines += _reading(t2) or ["- no cell has its `random` counterpart (same seed and data) yet: nothing to compare."]
+    lines += ["", "The selection defaults (`mask_rule: paper`, `refine: paper`, `taylor: weights`, `fisher: example`, "
+              "k = 8) stay as the paper states them until the grid has every seed; they are then set to what these "
+              "tables support."]
     lines += ["", "## Table 2 analogue: layer-selection policy at k = 8 of 30", "",
               "Mean ± std over seeds; Δ = paired difference against `random` on the same seed with its 95% "
               "Student-t interval. Reproduce: `floe experiment benchmarks/grids/table2.yaml` (resumes), then "
-              "`floe experiment benchmarks/grids/table2.yaml --summary`.", "", summarise(t2)]
+              "`floe experiment benchmarks/grids/table2.yaml --summary`. The s/step column was measured while other "
+              "work shared the machine's 2 cores: for time and memory read Table 5, measured alone.", "", summarise(t2)]
     if plot_paired(t2, figs / "results_paired.png"):
         lines += ["![paired differences against random](figures/results_paired.png)", ""]
     if plot_curves(t2, figs / "results_curves.png"):
@@ -191,11 +185,11 @@ def render(out: Path) -> Path:
     lines += ["## Table 5 analogue: cost of each stage", "",
               "Reproduce on a quiet machine: `python benchmarks/pipeline_cost.py`.", ""]
     cost = res / "pipeline_cost.json"
-    lines += (_table5(json.loads(cost.read_text())) if cost.is_file() else ["Not measured yet."]) + [""]
+    lines += (_measured(json.loads(cost.read_text()), "report") if cost.is_file() else ["Not measured yet."]) + [""]
     lines += ["## Table 4 analogue: inference latency", "",
               "Reproduce on a quiet machine: `python benchmarks/inference_latency.py`.", ""]
     lat = res / "inference_latency.json"
-    lines += (_table4(json.loads(lat.read_text())) if lat.is_file() else ["Not measured yet."]) + [""]
+    lines += (_measured(json.loads(lat.read_text()), "table") if lat.is_file() else ["Not measured yet."]) + [""]
     reruns = res / "reruns.jsonl"
     lines += ["## Re-running a recorded cell", "",
               "`floe experiment GRID.yaml --rerun CELL` trains the cell again from its recorded config in a fresh "
