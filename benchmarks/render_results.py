@@ -63,7 +63,7 @@ def plot_paired(rows: list[dict[str, Any]], path: Path) -> bool:
                 ax.plot([lo, hi], [i, i], color="tab:blue")
         ax.axvline(0, color="grey", lw=1)
         ax.set_yticks(range(len(res)), [f"{v} (n={n})" for v, *_, n in res])
-        ax.set_xlabel("Δ test loss vs random, same seed (lower is better); 95% t-interval")
+        ax.set_xlabel("Δ test loss vs random, same seed (lower is better)\nbars: 95% t-interval", fontsize=9)
         ax.set_title(data.replace("bigbench:", ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -195,10 +195,11 @@ def render(out: Path) -> Path:
               "`floe experiment GRID.yaml --rerun CELL` trains the cell again from its recorded config in a fresh "
               "folder (no cached stage) and records both validation losses.", ""]
     if reruns.is_file():
-        lines += ["| cell | recorded | re-run | difference |", "|---|---:|---:|---:|"]
+        lines += ["| cell | recorded (commit) | re-run (commit) | difference |", "|---|---:|---:|---:|"]
         for line in reruns.read_text().splitlines():
             r = json.loads(line)
-            lines.append(f"| {r['cell']} | {r['recorded_final_eval_loss']:.6f} | {r['rerun_final_eval_loss']:.6f} "
+            lines.append(f"| {r['cell']} | {r['recorded_final_eval_loss']:.6f} ({r.get('recorded_commit')}) | "
+                         f"{r['rerun_final_eval_loss']:.6f} ({r.get('commit')}) "
                          f"| {r['difference']:+.2e} |")
     else:
         lines.append("None recorded yet.")

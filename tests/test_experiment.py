@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 from floe.config import from_dict
-from floe.pipeline.experiment import Grid, cells, finished, run_grid, summarise, t_interval
+from floe.errors import InputError
+from floe.pipeline.experiment import Grid, cells, finished, rerun_cell, run_grid, summarise, t_interval
 from train_helpers import save_tiny_model_folder, write_alpaca_jsonl
 
 
@@ -78,3 +79,10 @@ def test_a_tiny_grid_resumes_and_a_cell_rerun_reproduces_its_recorded_loss(tmp_p
     shutil.rmtree(tmp_path / "runs")
     again = run(cfg, log=lambda s: None)
     assert again["methods"][row["method"]]["final_eval_loss"] == row["metrics"]["final_eval_loss"]
+    # the same through `floe experiment --rerun CELL`, which records both losses
+    out = rerun_cell(grid, row["cell"], log=lambda s: None)
+    recorded = json.loads((tmp_path / "reruns.jsonl").read_text().splitlines()[-1])
+    assert recorded == json.loads(json.dumps(out))
+    assert out["rerun_final_eval_loss"] == row["metrics"]["final_eval_loss"] and out["difference"] == 0.0
+    with pytest.raises(InputError, match="no finished cell"):
+        rerun_cell(grid, "no-such-cell", log=lambda s: None)
