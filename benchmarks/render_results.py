@@ -20,9 +20,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from floe.pipeline.experiment import cells, finished, load_grid, summarise, t_interval  # noqa: E402
+from floe.pipeline.experiment import cells, finished, load_grid, summarise, t_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 GRIDS = ("table2", "table3")

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_tokenizer, tiny_model
+from test_pipeline import _config, _ran
+
 from floe.config import from_dict
 from floe.pipeline import RunConfig, run
-from test_pipeline import _config, _ran
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HIDDEN = 32  # tiny_model's hidden size
@@ -47,7 +47,7 @@ def test_virtual_tokens_evaluation_scores_what_peft_computes(method):
     from floe.evaluation.logprobs import sequence_logprobs
     from floe.pipeline.baselines import VirtualTokens
 
-    model, pm = _prompt_model(method)
+    _, pm = _prompt_model(method)
     torch.nn.init.normal_(pm.prompt_encoder["default"].embedding.weight)  # not the vocabulary's rows
     tok = make_tokenizer()
     ids = [5, 9, 11, 13, 17, 19]
@@ -67,7 +67,7 @@ def test_virtual_tokens_evaluation_scores_what_peft_computes(method):
 def test_prompt_methods_run_in_the_pipeline_and_evaluate_from_a_cached_stage(tmp_path):
     import shutil
 
-    cfg = lambda: _config(tmp_path, method="prompt_tuning", compare=["p_tuning"], virtual_tokens=4)  # noqa: E731
+    cfg = lambda: _config(tmp_path, method="prompt_tuning", compare=["p_tuning"], virtual_tokens=4)
     first = run(cfg(), log=lambda s: None)
     for m in ("prompt_tuning", "p_tuning"):
         assert first["methods"][m]["trainable_params"] == 4 * HIDDEN + (3 * (HIDDEN * HIDDEN + HIDDEN) if m == "p_tuning" else 0)
@@ -146,8 +146,9 @@ def test_full_fine_tuning_trains_every_weight_and_evaluates_from_a_cached_stage(
 
 
 def test_full_fine_tuning_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_path):
-    from floe.training import TrainConfig, train
     from train_helpers import KillAfter, Killed, tokenized
+
+    from floe.training import TrainConfig, train
 
     data = tokenized(16, tmp_path)
 

@@ -23,8 +23,8 @@ def package_versions(packages: tuple[str, ...] = DEFAULT_PACKAGES, python: bool 
 def git_commit() -> str | None:
     """The short commit of the checkout this code runs from (None outside a git checkout)."""
     try:
-        proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).parent)
+        proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True,
+                              timeout=10, cwd=Path(__file__).parent)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return proc.stdout.strip() or None

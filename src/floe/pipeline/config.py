@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from floe.adapters.moe_lora import AdapterSettings
 from floe.errors import InputError
 from floe.evaluation import EvalConfig
-from floe.specs import DataSpec, ModelSpec
 from floe.selection import SelectionConfig
+from floe.specs import DataSpec, ModelSpec
 from floe.training import TrainConfig
 
 # method → (needs k, what it trains). The table every check and the report read.
