@@ -50,12 +50,22 @@ def _paired(rows: list[dict[str, Any]], data: str, k: int, metric: str, baseline
     return out
 
 
-def plot_paired(rows: list[dict[str, Any]], path: Path) -> bool:
+def _per_data_set(rows: list[dict[str, Any]], path: Path, draw) -> bool:
+    """One panel per data set, ``draw(ax, data)`` filling each; False (no file) when there are no rows."""
     datas = sorted({r["data"] for r in rows})
     if not datas:
         return False
     fig, axes = plt.subplots(1, len(datas), figsize=(6 * len(datas), 4.5), squeeze=False)
     for ax, data in zip(axes[0], datas):
+        draw(ax, data)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_paired(rows: list[dict[str, Any]], path: Path) -> bool:
+    def draw(ax, data: str) -> None:
         res = _paired(rows, data, 8, "test_loss")
         for i, (variant, mean, lo, hi, n) in enumerate(res):
             ax.plot([mean], [i], "o", color="tab:blue")
@@ -65,18 +75,12 @@ def plot_paired(rows: list[dict[str, Any]], path: Path) -> bool:
         ax.set_yticks(range(len(res)), [f"{v} (n={n})" for v, *_, n in res])
         ax.set_xlabel("Δ test loss vs random, same seed (lower is better)\nbars: 95% t-interval", fontsize=9)
         ax.set_title(data.replace("bigbench:", ""), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+
+    return _per_data_set(rows, path, draw)
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> bool:
-    datas = sorted({r["data"] for r in rows})
-    if not datas:
-        return False
-    fig, axes = plt.subplots(1, len(datas), figsize=(6 * len(datas), 4.5), squeeze=False)
-    for ax, data in zip(axes[0], datas):
+    def draw(ax, data: str) -> None:
         by: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
         for r in rows:
             if r["data"] == data:
@@ -90,10 +94,8 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> bool:
         ax.set_ylabel("validation loss (mean over seeds)")
         ax.set_title(data.replace("bigbench:", ""), fontsize=10)
         ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+
+    return _per_data_set(rows, path, draw)
 
 
 def plot_vs_k(rows: list[dict[str, Any]], path: Path) -> bool:
