@@ -22,10 +22,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from floe.pipeline.experiment import cells, finished, load_grid, summarise, t_interval
+from floe.pipeline.experiment import PAIRED, cells, finished, load_grid, summarise, t_interval
 
 ROOT = Path(__file__).resolve().parents[1]
-GRIDS = ("table2", "table3")
+FULL_LAYER = ("moe_lora", "lora")
 
 
 def _rows(grid_name: str) -> tuple[list[dict[str, Any]], int]:
@@ -38,8 +38,8 @@ def _rows(grid_name: str) -> tuple[list[dict[str, Any]], int]:
 def _paired(rows: list[dict[str, Any]], data: str, k: int, metric: str, baseline: str = "random"):
     """(variant, mean Δ, lo, hi, n) of each variant against ``baseline`` on the same seeds."""
     by: dict[str, dict[int, float]] = defaultdict(dict)
-    for r in rows:
-        if r["data"] == data and r["k"] == k and r["metrics"].get(metric) is not None:
+    for r in rows:  # full-layer methods (their k is the layer count) are compared at k too
+        if r["data"] == data and (r["k"] == k or r["method"] in FULL_LAYER) and r["metrics"].get(metric) is not None:
             by[r["variant"]][r["seed"]] = r["metrics"][metric]
     base = by.get(baseline, {})
     out = []
@@ -121,23 +121,71 @@ def plot_vs_k(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+def _verdict(mean: float, lo: float, hi: float, n: int, lower_is_better: bool) -> str:
+    if n < 2:
+        return f"{mean:+.4f} (1 seed)"
+    if lo > 0 or hi < 0:
+        word = "**better**" if (mean < 0) == lower_is_better else "**worse**"
+    else:
+        word = "no difference shown"
+    return f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] {word}"
+
+
 def _reading(rows: list[dict[str, Any]]) -> list[str]:
-    """Facts only: each FLoE variant against random at k = 8, and whether the interval excludes 0."""
+    """Facts only: every variant against random at k = 8, paired by seed, and whether the 95% interval
+    excludes 0 ("better"/"worse") or not ("no difference shown")."""
     out = []
     for data in sorted({r["data"] for r in rows}):
-        for metric, better in (("test_loss", "lower"), ("rouge_l", "higher")):
-            for variant, mean, lo, hi, n in _paired(rows, data, 8, metric):
-                if variant not in ("floe", "moe_lora", "last", "lisa"):
-                    continue
-                if n < 2:
-                    verdict = "one seed only: no interval yet"
-                elif lo > 0 or hi < 0:
-                    good = (mean < 0) == (better == "lower")
-                    verdict = f"**{'better' if good else 'worse'} than random** (interval excludes 0)"
-                else:
-                    verdict = "not distinguishable from random (interval contains 0)"
-                out.append(f"- {data.replace('bigbench:', '')}, {metric}: {variant} − random = {mean:+.4f}"
-                           + (f" [{lo:+.4f}, {hi:+.4f}]" if n > 1 else "") + f", n = {n} seeds: {verdict}.")
+        per_metric = {m: {v: rest for v, *rest in _paired(rows, data, 8, m)} for m in PAIRED}
+        variants = sorted(set().union(*per_metric.values()))
+        if not variants:
+            continue
+        out += [f"**{data.replace('bigbench:', '')}** (k = 8; the full-layer references moe_lora and lora against the same random-8 cells):", "",
+                "| variant − random | " + " | ".join(f"Δ {m}" for m in PAIRED) + " |", "|---" * (1 + len(PAIRED)) + "|"]
+        for v in variants:
+            cells = [_verdict(*per_metric[m][v], lower_is_better=m != "rouge_l") if v in per_metric[m] else "-"
+                     for m in PAIRED]
+            out.append(f"| {v} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
+def _chosen_layers(rows: list[dict[str, Any]]) -> list[str]:
+    """The layers each selection variant chose, per data set and seed (sorted; 0 = bottom, 29 = top)."""
+    by: dict[tuple[str, str], dict[int, list[int]]] = defaultdict(dict)
+    for r in rows:
+        if r["method"] == "floe" and r["layers"] is not None and r["k"] == 8:
+            by[(r["data"], r["variant"])][r["seed"]] = sorted(r["layers"])
+    seeds = sorted({s for v in by.values() for s in v})
+    out = ["| data | variant | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (2 + len(seeds)) + "|"]
+    for (data, variant), layers in sorted(by.items()):
+        out.append(f"| {data.replace('bigbench:', '')} | {variant} | "
+                   + " | ".join(",".join(map(str, layers[s])) if s in layers else "-" for s in seeds) + " |")
+    return out if by else []
+
+
+def _equal_time(t2: list[dict[str, Any]], eq: list[dict[str, Any]], n_eq: int) -> list[str]:
+    """FLoE-8 at equal training time (equal_time grid) against full-layer MoE-LoRA at 40 steps, paired by seed."""
+    if not eq:
+        return ["Equal-time grid not run yet: `floe experiment benchmarks/grids/equal_time.yaml`.", ""]
+    full = {(r["data"], r["seed"]): r for r in t2 if r["variant"] == "moe_lora"}
+    floe40 = {(r["data"], r["seed"]): r for r in t2 if r["variant"] == "floe"}
+    out = [f"Equal time over seeds (`floe experiment benchmarks/grids/equal_time.yaml`, {len(eq)} of {n_eq} cells): "
+           "FLoE-8 trained for as many steps as fit in full-layer MoE-LoRA's 40-step time, against full-layer "
+           "MoE-LoRA (40 steps) and FLoE-8 (40 steps) of the same seed from the Table 2 grid.", "",
+           "| reference | metric | n | FLoE-8 equal time − reference (95% CI) |", "|---|---|---|---|"]
+    for name, ref in (("moe_lora, 40 steps", full), ("floe, 40 steps", floe40)):
+        for m in ("final_eval_loss", "test_loss", "rouge_l"):
+            diffs = [r["metrics"][m] - ref[(r["data"], r["seed"])]["metrics"][m] for r in eq
+                     if (r["data"], r["seed"]) in ref and r["metrics"].get(m) is not None]
+            if diffs:
+                mean, lo, hi = t_interval(diffs)
+                out.append(f"| {name} | {m} | {len(diffs)} | "
+                           + _verdict(mean, lo, hi, len(diffs), lower_is_better=m != "rouge_l") + " |")
+    steps = sorted({r["steps"] for r in eq})
+    out += ["", f"Steps: {', '.join(map(str, steps))}; validation loss per seed: "
+            + ", ".join(f"seed {r['seed']} {r['metrics']['final_eval_loss']:.4f}" for r in sorted(eq, key=lambda r: r["seed"]))
+            + ".", ""]
     return out
 
 
@@ -155,7 +203,10 @@ def render(out: Path) -> Path:
     res = ROOT / "benchmarks" / "results"
     t2, n2 = _rows("table2")
     t3, n3 = _rows("table3")
-    k_rows = t3 + [r for r in t2 if r["variant"] in ("floe", "random") and r["data"] == "bigbench:natural_instructions"]
+    eq, n_eq = _rows("equal_time")
+    in_t3 = {(r["variant"], r["k"], r["seed"], r["data"]) for r in t3}
+    k_rows = t3 + [r for r in t2 if r["variant"] in ("floe", "random") and r["data"] == "bigbench:natural_instructions"
+                   and (r["variant"], r["k"], r["seed"], r["data"]) not in in_t3]
     lines = ["# Results: does FLoE's layer selection pay off on SmolLM2-135M?", "",
              "Generated by `python benchmarks/render_results.py` from the files in `benchmarks/results/`; "
              "do not edit by hand. Set-up, sizes and the reasons for them: `benchmarks/grids/base.yaml` and "
@@ -164,7 +215,7 @@ def render(out: Path) -> Path:
              "method; validation loss on the validation split, test loss / exact match / ROUGE-L on the test split.",
              "", f"Progress: Table 2 grid {len(t2)} of {n2} cells, Table 3 grid {len(t3)} of {n3} cells "
              "(k = 8 cells shared with Table 2).", "", "## Reading (k = 8, paired by seed against random)", ""]
-    lines += _reading(t2) or ["- no cell has its `random` counterpart (same seed and data) yet: nothing to compare."]
+    lines += _reading(t2) or ["No cell has its `random` counterpart (same seed and data) yet: nothing to compare."]
     lines += ["", "The selection defaults (`mask_rule: paper`, `refine: paper`, `taylor: weights`, `fisher: example`, "
               "k = 8) stay as the paper states them until the grid has every seed; they are then set to what these "
               "tables support."]
@@ -178,6 +229,9 @@ def render(out: Path) -> Path:
     if plot_curves(t2, figs / "results_curves.png"):
         lines += ["Validation-loss curves (mean over seeds), so a reader can see that the methods separated "
                   "within the run:", "", "![validation loss curves](figures/results_curves.png)", ""]
+    layers = _chosen_layers(t2)
+    if layers:
+        lines += ["Layers chosen at k = 8 by each selection variant (0 = bottom, 29 = top):", "", *layers, ""]
     lines += ["## Table 3 analogue: score against k", "",
               "Reproduce: `floe experiment benchmarks/grids/table3.yaml`.", ""]
     if plot_vs_k(k_rows, figs / "results_vs_k.png"):
@@ -188,6 +242,7 @@ def render(out: Path) -> Path:
               "Reproduce on a quiet machine: `python benchmarks/pipeline_cost.py`.", ""]
     cost = res / "pipeline_cost.json"
     lines += (_measured(json.loads(cost.read_text()), "report") if cost.is_file() else ["Not measured yet."]) + [""]
+    lines += _equal_time(t2, eq, n_eq)
     lines += ["## Table 4 analogue: inference latency", "",
               "Reproduce on a quiet machine: `python benchmarks/inference_latency.py`.", ""]
     lat = res / "inference_latency.json"

@@ -94,3 +94,20 @@ def test_every_floe_name_a_benchmark_imports_exists(script):
             module = importlib.import_module(node.module)
             for alias in node.names:
                 assert hasattr(module, alias.name), f"{script}:{node.lineno}: {node.module} has no {alias.name}"
+
+
+def test_rendered_results_page_holds_the_committed_cells_means_and_layers(tmp_path):
+    import statistics
+
+    render = _script("render_results")
+    page = render.render(tmp_path / "results.md").read_text()
+    rows = [json.loads(line) for line in (BENCH / "results" / "table2.jsonl").read_text().splitlines() if line.strip()]
+    assert f"Table 2 grid {len({r['fingerprint'] for r in rows})} of " in page
+    nat = [r for r in rows if r["variant"] == "floe" and r["data"] == "bigbench:natural_instructions"]
+    losses = [r["metrics"]["final_eval_loss"] for r in nat]
+    mean = f"{statistics.mean(losses):.4f}" + (f" ± {statistics.stdev(losses):.4f}" if len(losses) > 1 else "")
+    floe_line = next(line for line in page.splitlines() if line.startswith("| floe | 8 |"))
+    assert mean in floe_line
+    layers_line = next(line for line in page.splitlines() if line.startswith("| natural_instructions | floe |"))
+    assert ",".join(map(str, sorted(nat[0]["layers"]))) in layers_line
+    assert (tmp_path / "figures" / "results_paired.png").stat().st_size > 0

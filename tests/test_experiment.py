@@ -33,9 +33,20 @@ def test_summary_reports_mean_std_and_paired_differences_against_random():
     assert "2.1000 ± 0.1000" in floe_line  # test loss over seeds
     # paired test-loss differences -0.1, -0.2, -0.1: mean -0.1333, sd 0.0577
     half = 4.302653 * 0.057735 / math.sqrt(3)
-    assert f"{-0.13333:+.4f} [{-0.13333 - half:+.4f}, {-0.13333 + half:+.4f}] (n=3)" in floe_line
+    interval = f"{-0.13333:+.4f} [{-0.13333 - half:+.4f}, {-0.13333 + half:+.4f}] (n=3)"
+    assert floe_line.count(interval) == 2  # validation loss and test loss (equal in these rows)
     random_line = next(line for line in text.splitlines() if line.startswith("| random "))
     assert random_line.rstrip(" |").endswith("- | -")
+
+
+def test_a_full_layer_reference_is_paired_with_random_at_its_only_k():
+    rows = [_row("random", 1, 2.1, 0.30), _row("random", 2, 2.4, 0.30),
+            _row("moe_lora", 1, 2.0, 0.30, k=30), _row("moe_lora", 2, 2.0, 0.30, k=30)]
+    line = next(line for line in summarise(rows).splitlines() if line.startswith("| moe_lora "))
+    assert "-0.2500 [" in line and "(n=2)" in line  # differences -0.1 and -0.4
+    rows += [_row("random", 1, 2.0, 0.30, k=30)]  # random at two ks: no pairing across k
+    line = next(line for line in summarise(rows).splitlines() if line.startswith("| moe_lora "))
+    assert "-0.2500" not in line and "+0.0000 (n=1)" in line
 
 
 def test_a_cut_last_line_of_the_results_file_is_ignored(tmp_path):

@@ -25,6 +25,8 @@ from floe.pipeline.stages import fingerprint
 from floe.provenance import git_commit
 
 METRICS = ("final_eval_loss", "test_loss", "exact_match", "rouge_l", "choice_accuracy")
+PAIRED = ("final_eval_loss", "test_loss", "rouge_l")
+"""Metrics whose paired difference against the baseline (same seed and data) the summary reports."""
 
 
 @dataclass
@@ -207,8 +209,16 @@ def t_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, f
     return mean, mean - half, mean + half
 
 
+def _only_k(groups: dict[tuple, dict[int, dict[str, Any]]], data: str, baseline: str) -> dict[int, dict[str, Any]]:
+    """The baseline's cells on ``data`` when it was run at a single k (what a full-layer method, whose k is
+    the layer count, is compared with); empty otherwise."""
+    ks = [k for (d, k, v) in groups if d == data and v == baseline]
+    return groups[(data, ks[0], baseline)] if len(ks) == 1 else {}
+
+
 def summarise(rows: list[dict[str, Any]], baseline: str = "random") -> str:
-    """Markdown tables: mean ± std per (variant, k, data); paired differences against ``baseline``."""
+    """Markdown tables: mean ± std per (variant, k, data); paired differences (same seed) against ``baseline``
+    at the same k, or, for a k the baseline was not run at, against its only k if it has one."""
     from collections import defaultdict
 
     groups: dict[tuple, dict[int, dict[str, Any]]] = defaultdict(dict)
@@ -217,8 +227,8 @@ def summarise(rows: list[dict[str, Any]], baseline: str = "random") -> str:
     out = []
     for data in sorted({g[0] for g in groups}):
         out += [f"### {data}", "", "| variant | k | seeds | trainable % | s/step | " + " | ".join(METRICS)
-                + " | " + " | ".join(f"Δ{m} vs {baseline} (95% CI)" for m in ("test_loss", "rouge_l")) + " |",
-                "|---" * (5 + len(METRICS) + 2) + "|"]
+                + " | " + " | ".join(f"Δ{m} vs {baseline} (95% CI)" for m in PAIRED) + " |",
+                "|---" * (5 + len(METRICS) + len(PAIRED)) + "|"]
         for (d, k, variant), by_seed in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2])):
             if d != data:
                 continue
@@ -229,13 +239,15 @@ def summarise(rows: list[dict[str, Any]], baseline: str = "random") -> str:
                 vals = [r["metrics"][m] for r in by_seed.values() if r["metrics"].get(m) is not None]
                 cells.append("-" if not vals else f"{statistics.mean(vals):.4f}" if len(vals) == 1 else
                              f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}")
-            base = groups.get((d, k, baseline), {})
-            for m in ("test_loss", "rouge_l"):
+            base = groups.get((d, k, baseline)) or _only_k(groups, d, baseline)
+            for m in PAIRED:
                 diffs = [r["metrics"][m] - base[s]["metrics"][m] for s, r in by_seed.items()
                          if s in base and variant != baseline and r["metrics"].get(m) is not None]
-                if diffs:
+                if len(diffs) > 1:
                     mean, lo, hi = t_interval(diffs)
                     cells.append(f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] (n={len(diffs)})")
+                elif diffs:
+                    cells.append(f"{diffs[0]:+.4f} (n=1)")
                 else:
                     cells.append("-")
             out.append("| " + " | ".join(cells) + " |")
