@@ -27,6 +27,7 @@ equal-time comparison (validation loss, test loss, exact match, ROUGE-L); writes
 ``benchmarks/results/pipeline_cost.json``.
 
     python benchmarks/pipeline_cost.py                      # about an hour on 2 CPU cores
+    python benchmarks/pipeline_cost.py --seed 2 --no-equal-time   # another seed (-> pipeline_cost_s2.json)
     python benchmarks/pipeline_cost.py --fresh              # delete runs/pipeline_cost first
     python benchmarks/pipeline_cost.py --smoke --out-dir D --out D/pipeline_cost.json  # tiny model, a minute or two
 """
@@ -290,11 +291,13 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
     ap.add_argument("--k", type=int, default=None, help="layers FLoE trains (default 8; --smoke 2)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key (dotted, value parsed as YAML), e.g. --set train.max_steps=80")
-    ap.add_argument("--out-dir", default=None, help="runs and stages (default runs/pipeline_cost; --smoke: "
-                                                    "runs/pipeline_cost_smoke); must not exist unless --fresh")
+    ap.add_argument("--out-dir", default=None, help="runs and stages (default runs/pipeline_cost, with _s<seed> for "
+                                                    "seeds other than 1; --smoke: runs/pipeline_cost_smoke); must not "
+                                                    "exist unless --fresh")
     ap.add_argument("--fresh", action="store_true", help="delete --out-dir first")
-    ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/pipeline_cost.json; "
-                                                "--smoke: <out-dir>/pipeline_cost.json)")
+    ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/pipeline_cost.json, "
+                                                "pipeline_cost_s<seed>.json for seeds other than 1; --smoke: "
+                                                "<out-dir>/pipeline_cost.json)")
     ap.add_argument("--no-equal-time", action="store_true", help="skip run 3 (FLoE at moe_lora's training time)")
     ap.add_argument("--max-steps-factor", type=float, default=10.0,
                     help="cap on the equal-time steps, as a multiple of train.max_steps")
@@ -303,8 +306,10 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
     ap.add_argument("--smoke", action="store_true", help="a tiny random model and toy data (checks the script)")
     args = ap.parse_args(argv)
     k = args.k if args.k is not None else (2 if args.smoke else 8)
-    out_dir = Path(args.out_dir or ("runs/pipeline_cost_smoke" if args.smoke else "runs/pipeline_cost"))
-    out_path = Path(args.out or (out_dir / "pipeline_cost.json" if args.smoke else DEFAULT_OUT))
+    suffix = "" if args.seed == 1 else f"_s{args.seed}"  # one result file per seed (docs/results.md averages them)
+    out_dir = Path(args.out_dir or ("runs/pipeline_cost_smoke" if args.smoke else f"runs/pipeline_cost{suffix}"))
+    out_path = Path(args.out or (out_dir / "pipeline_cost.json" if args.smoke
+                                 else DEFAULT_OUT.with_name(f"pipeline_cost{suffix}.json")))
     if out_dir.exists():
         if not args.fresh:
             raise SystemExit(f"{out_dir} exists: its stages would come from the cache. Use --fresh to delete it, "

@@ -3,8 +3,9 @@
     python benchmarks/render_results.py          # re-renders docs/results.md and docs/figures/results_*.png
 
 Reads benchmarks/results/table2.jsonl and table3.jsonl (the `floe experiment` grids),
-reruns.jsonl (`floe experiment GRID --rerun CELL`), pipeline_cost.json and inference_latency.json
-(the two benchmarks of that name) — whatever of them exists — and writes every table and figure
+equal_time.jsonl (FLoE at full-layer training time over seeds), reruns.jsonl (`floe experiment GRID
+--rerun CELL`), pipeline_cost*.json (one per seed) and inference_latency.json (the two benchmarks of that
+name) — whatever of them exists — and writes every table and figure
 from them, so the page never holds a number the files do not. Grids still running are rendered
 as they stand, with the count of finished cells.
 """
@@ -197,6 +198,34 @@ def _measured(result: dict[str, Any], text_key: str) -> list[str]:
             result.get(text_key, "").rstrip(), "```"]
 
 
+COST_STAGES = (("warmup", "warm-up"), ("select", "selection"), ("floe/train", "FLoE training (k = 8)"),
+               ("moe_lora/train", "full-layer training (moe_lora)"))
+COST_RATIOS = (("floe_train_over_full_layer", "FLoE training / full-layer, time"),
+               ("floe_train_peak_over_full_layer", "FLoE training / full-layer, peak memory"),
+               ("warmup_plus_select_over_full_layer", "warm-up + selection / full-layer, time"),
+               ("floe_total_over_full_layer", "FLoE total / full-layer, time"))
+
+
+def _mean_std(vals: list[float], fmt: str) -> str:
+    return format(statistics.mean(vals), fmt) + (f" ± {format(statistics.stdev(vals), fmt)}" if len(vals) > 1 else "")
+
+
+def _cost_over_seeds(results: list[dict[str, Any]]) -> list[str]:
+    """Table 5 over the seeds measured (one `pipeline_cost*.json` per seed): mean ± std of each stage's
+    seconds and peak memory, and of the ratios to full-layer training."""
+    seeds = sorted(r["settings"]["seed"] for r in results)
+    out = [f"Over seeds {', '.join(map(str, seeds))} (`python benchmarks/pipeline_cost.py --seed S`, each on a quiet "
+           "machine; mean ± std):", "", "| stage | seconds | peak MiB |", "|---|---:|---:|"]
+    for key, name in COST_STAGES:
+        stages = [r["stages"][key] for r in results if key in r["stages"]]
+        out.append(f"| {name} | {_mean_std([s['seconds'] for s in stages], '.1f')} | "
+                   f"{_mean_std([s['peak_memory_mb'] for s in stages], '.0f')} |")
+    out += ["", "| ratio | mean ± std |", "|---|---:|"]
+    for key, name in COST_RATIOS:
+        out.append(f"| {name} | {_mean_std([r['totals'][key] for r in results], '.3f')} |")
+    return out + [""]
+
+
 def render(out: Path) -> Path:
     figs = out.parent / "figures"
     figs.mkdir(parents=True, exist_ok=True)
@@ -242,6 +271,10 @@ def render(out: Path) -> Path:
               "Reproduce on a quiet machine: `python benchmarks/pipeline_cost.py`.", ""]
     cost = res / "pipeline_cost.json"
     lines += (_measured(json.loads(cost.read_text()), "report") if cost.is_file() else ["Not measured yet."]) + [""]
+    costs = [json.loads(p.read_text()) for p in sorted(res.glob("pipeline_cost*.json"))]
+    costs = [c for c in costs if not c.get("smoke")]
+    if len(costs) > 1:
+        lines += _cost_over_seeds(costs)
     lines += _equal_time(t2, eq, n_eq)
     lines += ["## Table 4 analogue: inference latency", "",
               "Reproduce on a quiet machine: `python benchmarks/inference_latency.py`.", ""]
