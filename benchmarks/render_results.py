@@ -36,16 +36,18 @@ def _rows(grid_name: str) -> tuple[list[dict[str, Any]], int]:
     return rows, len(cells(grid))
 
 
-def _paired(rows: list[dict[str, Any]], data: str, k: int, metric: str, baseline: str = "random"):
-    """(variant, mean Δ, lo, hi, n) of each variant against ``baseline`` on the same seeds."""
-    by: dict[str, dict[int, float]] = defaultdict(dict)
+def _paired(rows: list[dict[str, Any]], data: str | None, k: int, metric: str, baseline: str = "random"):
+    """(variant, mean Δ, lo, hi, n) of each variant against ``baseline`` on the same seed and data set
+    (``data`` None: every data set pooled)."""
+    by: dict[str, dict[tuple[str, int], float]] = defaultdict(dict)
     for r in rows:  # full-layer methods (their k is the layer count) are compared at k too
-        if r["data"] == data and (r["k"] == k or r["method"] in FULL_LAYER) and r["metrics"].get(metric) is not None:
-            by[r["variant"]][r["seed"]] = r["metrics"][metric]
+        if (data is None or r["data"] == data) and (r["k"] == k or r["method"] in FULL_LAYER) \
+                and r["metrics"].get(metric) is not None:
+            by[r["variant"]][(r["data"], r["seed"])] = r["metrics"][metric]
     base = by.get(baseline, {})
     out = []
     for variant, vals in sorted(by.items()):
-        diffs = [v - base[s] for s, v in vals.items() if s in base]
+        diffs = [v - base[key] for key, v in vals.items() if key in base]
         if variant != baseline and diffs:
             out.append((variant, *t_interval(diffs), len(diffs)))
     return out
@@ -125,6 +127,8 @@ def plot_vs_k(rows: list[dict[str, Any]], path: Path) -> bool:
 def _verdict(mean: float, lo: float, hi: float, n: int, lower_is_better: bool) -> str:
     if n < 2:
         return f"{mean:+.4f} (1 seed)"
+    if mean == lo == hi == 0:
+        return "0 at every seed (same layers, same training)"
     if lo > 0 or hi < 0:
         word = "**better**" if (mean < 0) == lower_is_better else "**worse**"
     else:
@@ -132,22 +136,44 @@ def _verdict(mean: float, lo: float, hi: float, n: int, lower_is_better: bool) -
     return f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] {word}"
 
 
+def _verdict_table(rows: list[dict[str, Any]], data: str | None, baseline: str, only: tuple[str, ...] = ()) -> list[str]:
+    per_metric = {m: {v: rest for v, *rest in _paired(rows, data, 8, m, baseline)} for m in PAIRED}
+    variants = [v for v in sorted(set().union(*per_metric.values())) if not only or v in only]
+    if not variants:
+        return []
+    out = [f"| variant − {baseline} | " + " | ".join(f"Δ {m}" for m in PAIRED) + " |", "|---" * (1 + len(PAIRED)) + "|"]
+    for v in variants:
+        cells = [_verdict(*per_metric[m][v], lower_is_better=m != "rouge_l") if v in per_metric[m] else "-"
+                 for m in PAIRED]
+        out.append(f"| {v} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def _reading(rows: list[dict[str, Any]]) -> list[str]:
     """Facts only: every variant against random at k = 8, paired by seed, and whether the 95% interval
     excludes 0 ("better"/"worse") or not ("no difference shown")."""
     out = []
     for data in sorted({r["data"] for r in rows}):
-        per_metric = {m: {v: rest for v, *rest in _paired(rows, data, 8, m)} for m in PAIRED}
-        variants = sorted(set().union(*per_metric.values()))
-        if not variants:
-            continue
-        out += [f"**{data.replace('bigbench:', '')}** (k = 8; the full-layer references moe_lora and lora against the same random-8 cells):", "",
-                "| variant − random | " + " | ".join(f"Δ {m}" for m in PAIRED) + " |", "|---" * (1 + len(PAIRED)) + "|"]
-        for v in variants:
-            cells = [_verdict(*per_metric[m][v], lower_is_better=m != "rouge_l") if v in per_metric[m] else "-"
-                     for m in PAIRED]
-            out.append(f"| {v} | " + " | ".join(cells) + " |")
-        out.append("")
+        table = _verdict_table(rows, data, "random")
+        if table:
+            out += [f"**{data.replace('bigbench:', '')}** (k = 8; the full-layer references moe_lora and lora "
+                    "against the same random-8 cells):", "", *table]
+    return out
+
+
+SELECTION_OPTIONS = ("floe_kwon", "floe_fisher_top", "floe_refine_none", "floe_taylor_mask", "floe_fisher_batch",
+                     "scorer_fisher", "scorer_taylor", "scorer_grad_norm")
+
+
+def _against_default(rows: list[dict[str, Any]]) -> list[str]:
+    """Each selection setting against FLoE's default (variant floe), paired by seed and data set: the
+    evidence for the defaults."""
+    out = []
+    for data in [*sorted({r["data"] for r in rows}), None]:
+        table = _verdict_table(rows, data, "floe", SELECTION_OPTIONS)
+        if table:
+            name = "both data sets pooled (pairs = seed × data set)" if data is None else data.replace("bigbench:", "")
+            out += [f"**{name}**:", "", *table]
     return out
 
 
@@ -258,6 +284,11 @@ def render(out: Path) -> Path:
     if plot_curves(t2, figs / "results_curves.png"):
         lines += ["Validation-loss curves (mean over seeds), so a reader can see that the methods separated "
                   "within the run:", "", "![validation loss curves](figures/results_curves.png)", ""]
+    against = _against_default(t2)
+    if against:
+        lines += ["### Each selection setting against FLoE's default (k = 8, paired by seed)", "",
+                  "The evidence for the selection defaults: one setting changed at a time from "
+                  "`mask_rule: paper, refine: paper, taylor: weights, fisher: example, scorer: floe`.", "", *against]
     layers = _chosen_layers(t2)
     if layers:
         lines += ["Layers chosen at k = 8 by each selection variant (0 = bottom, 29 = top):", "", *layers, ""]
