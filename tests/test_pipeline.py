@@ -126,6 +126,26 @@ def test_position_and_random_baselines_choose_the_layers_they_name():
     assert len(set(a)) == 8 and a == sorted(a) and a == L.random_layers(30, 8, seed=1) and a != b
 
 
+def test_a_selection_that_is_a_position_baseline_is_named_as_one():
+    assert L.position_match([26, 28, 29, 24, 23, 27, 22, 25], 30) == "last"  # rank order, the grid's choice
+    assert L.position_match([2, 0, 1], 30) == "first"
+    assert L.position_match([29, 0, 19, 10], 30) == "spread"
+    assert L.position_match([21, 23, 24, 25, 26, 27, 28, 29], 30) is None
+    assert L.position_match(list(range(30)), 30) is None  # every layer: no choice was made
+    assert "`last` position baseline" in L.position_note([27, 28, 29], 30)
+    assert L.position_note([0, 5], 30) is None
+
+
+def test_floe_select_table_names_a_choice_that_is_a_position_baseline():
+    from floe.selection import Selection
+    from floe.selection.cli import format_table
+
+    sel = Selection(scorer="random", num_layers=4, scores=[0.1, 0.2, 0.4, 0.3], ranking=[2, 3, 1, 0], chosen=[2, 3])
+    assert "exactly the last 2 of 4" in format_table(sel)
+    sel.chosen = [2, 1]
+    assert "position baseline" not in format_table(sel)
+
+
 @pytest.mark.parametrize("layers", [None, [0, 3], [1]])
 def test_moe_lora_baselines_train_exactly_their_adapter_parameters(layers):
     model = tiny_model("llama")  # hidden 32, intermediate 48, 4 layers

@@ -46,3 +46,27 @@ def lisa_draw(num_layers: int, k: int, seed: int, draw: int) -> list[int]:
     run draws what an uninterrupted one would)."""
     check_k(k, num_layers)
     return sorted(random.Random(f"lisa/{seed}/{draw}").sample(range(num_layers), k))
+
+
+def position_match(layers: list[int], num_layers: int) -> str | None:
+    """The position baseline (``first``, ``last``, ``spread``) whose layer set ``layers`` is, or None.
+
+    A selection that lands on one of them is a choice those baselines make without any selection;
+    :func:`position_note` says so to the user."""
+    k = len(layers)
+    if not 1 <= k < num_layers:
+        return None
+    for name, fn in (("last", last_layers), ("first", first_layers), ("spread", spread_layers)):
+        if sorted(layers) == fn(num_layers, k):
+            return name
+    return None
+
+
+def position_note(layers: list[int], num_layers: int) -> str | None:
+    """A one-line note when ``layers`` is a position baseline's set (see :func:`position_match`)."""
+    name = position_match(layers, num_layers)
+    if name is None:
+        return None
+    return (f"note: the chosen layers are exactly the {name} {len(layers)} of {num_layers}, the `{name}` position "
+            f"baseline, which needs no warm-up or selection; compare against `method: {name}` and `random` "
+            f"before relying on the selection (docs/results.md)")

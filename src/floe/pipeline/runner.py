@@ -124,7 +124,11 @@ class _Run:
 
         record, cached = run_stage(stage, work, self.log)
         self.record("select", record, cached)
-        return list(record["result"]["chosen"])
+        chosen = list(record["result"]["chosen"])
+        note = L.position_note(chosen, self.num_layers)
+        if note:
+            self.log(f"[floe] {note}")
+        return chosen
 
     def layers(self, method: str) -> list[int] | None:
         """The layers ``method`` puts MoE-LoRA on (None: all)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from floe.errors import InputError
 from floe.flags import COMMON_FLAGS, FlagTable, add_job_command, job_from_args, shared
+from floe.pipeline.layers import position_note
 from floe.selection.api import Selection, SelectionConfig
 from floe.specs import DataSpec, ModelSpec
 
@@ -141,6 +142,9 @@ def format_table(sel: Selection) -> str:
     lines = [" ".join(head for head, _ in columns) + "  chosen"]
     lines += [" ".join(cell(i) for _, cell in columns) + ("  *" if i in chosen else "") for i in range(sel.num_layers)]
     lines.append(f"scorer {sel.scorer}; chosen layers (rank order): {sel.chosen}")
+    note = position_note(sel.chosen, sel.num_layers)
+    if note:
+        lines.append(note)
     for stage in ("determination", "refinement", "tuning"):
         d = sel.diagnostics.get(stage)
         if not isinstance(d, dict) or "ranking" not in d:
