@@ -169,7 +169,8 @@ def _against_default(rows: list[dict[str, Any]]) -> list[str]:
     """Each selection setting against FLoE's default (variant floe), paired by seed and data set: the
     evidence for the defaults."""
     out = []
-    for data in [*sorted({r["data"] for r in rows}), None]:
+    datas = sorted({r["data"] for r in rows})
+    for data in datas + ([None] if len(datas) > 1 else []):
         table = _verdict_table(rows, data, "floe", SELECTION_OPTIONS)
         if table:
             name = "both data sets pooled (pairs = seed × data set)" if data is None else data.replace("bigbench:", "")
@@ -272,8 +273,8 @@ def render(out: Path) -> Path:
              "(k = 8 cells shared with Table 2).", "", "## Reading (k = 8, paired by seed against random)", ""]
     lines += _reading(t2) or ["No cell has its `random` counterpart (same seed and data) yet: nothing to compare."]
     lines += ["", "The selection defaults (`mask_rule: paper`, `refine: paper`, `taylor: weights`, `fisher: example`, "
-              "k = 8) stay as the paper states them until the grid has every seed; they are then set to what these "
-              "tables support."]
+              "k = 8) stay as the paper states them until the grid has every seed on both data sets and the Table 3 "
+              "grid is in; they are then set to what these tables support."]
     lines += ["", "## Table 2 analogue: layer-selection policy at k = 8 of 30", "",
               "Mean ± std over seeds; Δ = paired difference against `random` on the same seed with its 95% "
               "Student-t interval. Reproduce: `floe experiment benchmarks/grids/table2.yaml` (resumes), then "
