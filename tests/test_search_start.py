@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _floe(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src"), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "floe.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+    return subprocess.run([sys.executable, "-m", "floe.cli", *args], check=False, capture_output=True, text=True,
+                          env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -110,7 +110,7 @@ def pip_download(requirement: str, dest: Path | None = None, *, fetch_command: s
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "-q", requirement, "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
         files = list(Path(tmp).iterdir())
         if proc.returncode != 0 or not files:
             last = next((ln.strip() for ln in reversed(proc.stderr.strip().splitlines()) if ln.strip()), "")
