@@ -66,6 +66,18 @@ def test_cells_cover_the_grid_once_and_share_one_stage_root(tmp_path):
     assert all(cfg.select.config.mask_rule == "kwon" and cfg.compare == [] for cfg in kwon)
 
 
+def test_settings_of_one_data_entry_reach_only_that_data_sets_cells(tmp_path):
+    grid = from_dict(Grid, {"name": "g", "variants": {"r": {"method": "random"}}, "k": [2], "seeds": [1],
+                            "base": {"data": {"max_per_task": 20}}, "run_dir": str(tmp_path),
+                            "data": ["a.jsonl", {"source": "b.jsonl", "data.max_per_task": None}]})
+    by_source = {cfg.data.source: cfg for _, _, cfg in cells(grid)}
+    assert by_source["a.jsonl"].data.max_per_task == 20 and by_source["b.jsonl"].data.max_per_task is None
+    assert [c for c, _, _ in cells(grid)] == ["r-k2-s1-a.jsonl", "r-k2-s1-b.jsonl"]
+    bad = from_dict(Grid, {"name": "g", "data": [{"data.max_per_task": None}]})
+    with pytest.raises(InputError, match="needs a source"):
+        cells(bad)
+
+
 @pytest.mark.slow
 def test_a_tiny_grid_resumes_and_a_cell_rerun_reproduces_its_recorded_loss(tmp_path):
     from floe.pipeline.runner import run

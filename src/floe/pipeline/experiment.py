@@ -45,8 +45,8 @@ class Grid:
     """Layer counts."""
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     """Seeds (adapter init, data order, dropout, random/LISA draws)."""
-    data: list[str] = field(default_factory=lambda: ["bigbench:natural_instructions"])
-    """Data sources."""
+    data: list[str | dict[str, Any]] = field(default_factory=lambda: ["bigbench:natural_instructions"])
+    """Data sources: a source, or {source: ..., <dotted key>: value} for settings of that data set only."""
     results: str = ""
     """Results file (JSONL, committed); default benchmarks/results/<name>.jsonl."""
     run_dir: str = ""
@@ -68,15 +68,28 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     tree[leaf] = value
 
 
+def _data_entry(grid: Grid, entry: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(source, settings for that data set) of one entry of grid.data."""
+    if isinstance(entry, str):
+        return entry, {}
+    settings = dict(entry)
+    source = settings.pop("source", None)
+    if not isinstance(source, str) or not source:
+        raise InputError(f"grid {grid.name}: data entry {entry!r} needs a source, e.g. "
+                         "{source: 'bigbench:natural_instructions', data.max_per_task: null}")
+    return source, settings
+
+
 def cells(grid: Grid) -> list[tuple[str, str, RunConfig]]:
     """(cell id, variant, run config) for every distinct cell, in a stable order (k ignored where the method has none)."""
     from floe.pipeline.config import METHODS
 
     base = merge(load_yaml(grid.base_config) if grid.base_config else {}, grid.base)
     out, seen = [], set()
-    for data, seed, k, (variant, settings) in itertools.product(grid.data, grid.seeds, grid.k, grid.variants.items()):
+    for entry, seed, k, (variant, settings) in itertools.product(grid.data, grid.seeds, grid.k, grid.variants.items()):
+        data, data_settings = _data_entry(grid, entry)
         tree = json.loads(json.dumps(base))
-        for key, value in settings.items():
+        for key, value in {**data_settings, **settings}.items():
             _set(tree, key, value)
         _set(tree, "data.source", data)
         tree.update(seed=seed, k=k, compare=[])
