@@ -111,3 +111,20 @@ def test_rendered_results_page_holds_the_committed_cells_means_and_layers(tmp_pa
     layers_line = next(line for line in page.splitlines() if line.startswith("| natural_instructions | floe |"))
     assert ",".join(map(str, sorted(nat[0]["layers"]))) in layers_line
     assert (tmp_path / "figures" / "results_paired.png").stat().st_size > 0
+
+
+def test_each_k_is_paired_with_the_same_variant_on_all_layers_by_seed():
+    render = _script("render_results")
+
+    def row(variant, k, seed, loss):
+        return {"variant": variant, "k": k, "seed": seed, "data": "d",
+                "metrics": {"final_eval_loss": loss, "test_loss": loss, "rouge_l": 0.2}}
+
+    rows = [row("floe", 30, 1, 2.0), row("floe", 30, 2, 2.1), row("floe", 30, 3, 2.2),
+            row("floe", 8, 1, 2.2), row("floe", 8, 2, 2.35), row("floe", 8, 3, 2.5),  # diffs 0.2, 0.25, 0.3
+            row("random", 8, 1, 2.0)]  # no random at k = 30: nothing to pair
+    table = render._against_all_layers(rows)
+    floe8 = next(line for line in table if line.startswith("| floe | 8 |"))
+    half = 4.302653 * 0.05 / math.sqrt(3)  # sd 0.05, t(0.975, 2)
+    assert floe8.count(f"+0.2500 [{0.25 - half:+.4f}, {0.25 + half:+.4f}] **worse**") == 2
+    assert not any(line.startswith("| random |") for line in table)
