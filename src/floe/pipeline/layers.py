@@ -48,6 +48,15 @@ def lisa_draw(num_layers: int, k: int, seed: int, draw: int) -> list[int]:
     return sorted(random.Random(f"lisa/{seed}/{draw}").sample(range(num_layers), k))
 
 
+def train_key(layers: list[int] | None, num_layers: int) -> list[int] | None:
+    """The layer list as a training stage's cache key: None (every layer) when ``layers`` lists each
+    layer once, since that is the same adapter, initialised from the same draws, and the same
+    training; so FLoE or random at k = num_layers reuse full-layer MoE-LoRA's training."""
+    if layers is not None and sorted(layers) == list(range(num_layers)):
+        return None
+    return layers
+
+
 def position_match(layers: list[int], num_layers: int) -> str | None:
     """The position baseline (``first``, ``last``, ``spread``) whose layer set ``layers`` is, or None.
 
