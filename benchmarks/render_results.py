@@ -195,6 +195,61 @@ def _against_default(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+# The library options each Table 2 variant stands for (benchmarks/grids/table2.yaml).
+OPTION_VARIANTS = {"mask_rule": {"kwon": "floe_kwon", "fisher_top": "floe_fisher_top"},
+                   "refine": {"none": "floe_refine_none"}, "taylor": {"mask": "floe_taylor_mask"},
+                   "fisher": {"batch": "floe_fisher_batch"}}
+PAPER_OPTIONS = {"mask_rule": "paper", "refine": "paper", "taylor": "weights", "fisher": "example"}
+
+
+def decide_settings(rows: list[dict[str, Any]], seeds: int = 3) -> dict[str, tuple[str, str]]:
+    """DECISION_RULE applied to Table 2 rows: setting -> (option, why). "pending" until the default
+    and every option have ``seeds`` seeds on each data set."""
+    datas = sorted({r["data"] for r in rows})
+    have = defaultdict(set)
+    for r in rows:
+        if r["k"] == 8:
+            have[(r["variant"], r["data"])].add(r["seed"])
+    out = {}
+    for setting, options in OPTION_VARIANTS.items():
+        needed = ["floe", *options.values()]
+        if len(datas) < 2 or any(len(have[(v, d)]) < seeds for v in needed for d in datas):
+            out[setting] = ("pending", f"not every seed of {', '.join(needed)} on both data sets yet")
+            continue
+        pooled = {v: (mean, lo, hi) for v, mean, lo, hi, n in _paired(rows, None, 8, "final_eval_loss", "floe")}
+        passing, why = [], []
+        for option, variant in options.items():
+            mean, lo, hi = pooled[variant]
+            worse = [f"{m} on {d.split(':')[-1]}" for d in datas for m in ("test_loss", "rouge_l")
+                     for v, mm, ll, hh, n in _paired(rows, d, 8, m, "floe")
+                     if v == variant and n > 1 and ((ll > 0) if m != "rouge_l" else (hh < 0))]
+            if hi < 0 and not worse:
+                passing.append((mean, option))
+            why.append(f"{option}: pooled Δ validation loss {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                       + (f", worse in {', '.join(worse)}" if worse else ""))
+        choice = min(passing)[1] if passing else PAPER_OPTIONS[setting]
+        out[setting] = (choice, "; ".join(why))
+    return out
+
+
+def decide_k(rows: list[dict[str, Any]], variant: str = "floe", seeds: int = 3, all_k: int = 30) -> tuple[str, str]:
+    """DECISION_RULE's k from Table 3 rows: the smallest of 4, 8, 16 whose validation loss is not shown
+    worse than the same variant on all layers (paired by seed), else 8; "pending" until every seed is in."""
+    by: dict[int, dict[tuple[str, int], float]] = defaultdict(dict)
+    for r in rows:
+        if r["variant"] == variant:
+            by[r["k"]][(r["data"], r["seed"])] = r["metrics"]["final_eval_loss"]
+    if any(len(by[k]) < seeds for k in (4, 8, 16, all_k)):
+        return "pending", f"not every seed of {variant} at k = 4, 8, 16, {all_k} yet"
+    why = []
+    for k in (4, 8, 16):
+        mean, lo, hi = t_interval([v - by[all_k][key] for key, v in by[k].items() if key in by[all_k]])
+        why.append(f"k = {k}: Δ validation loss vs k = {all_k} {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        if lo <= 0:
+            return str(k), "; ".join(why)
+    return "8", "; ".join(why) + "; every k worse than all layers: the paper's 8"
+
+
 def _chosen_layers(rows: list[dict[str, Any]]) -> list[str]:
     """The layers each selection variant chose, per data set and seed (sorted; 0 = bottom, 29 = top)."""
     by: dict[tuple[str, str], dict[int, list[int]]] = defaultdict(dict)
@@ -313,7 +368,13 @@ def render(out: Path) -> Path:
              "", f"Progress: Table 2 grid {len(t2)} of {n2} cells, Table 3 grid {len(t3)} of {n3} cells "
              "(k = 8 cells shared with Table 2).", "", "## Reading (k = 8, paired by seed against random)", ""]
     lines += _reading(t2) or ["No cell has its `random` counterpart (same seed and data) yet: nothing to compare."]
-    lines += ["", *DECISION_RULE]
+    lines += ["", *DECISION_RULE, "", "The rule applied to the results files as they stand:", "",
+              "| setting | the paper's option | the rule's outcome | evidence |", "|---|---|---|---|"]
+    decided = decide_settings(t2)
+    for setting, (choice, why) in decided.items():
+        lines.append(f"| `{setting}` | {PAPER_OPTIONS[setting]} | **{choice}** | {why} |")
+    k_choice, k_why = decide_k(k_rows)
+    lines.append(f"| `k` | 8 | **{k_choice}** | {k_why} |")
     lines += ["", "## Table 2 analogue: layer-selection policy at k = 8 of 30", "",
               "Mean ± std over seeds; Δ = paired difference against `random` on the same seed with its 95% "
               "Student-t interval. Reproduce: `floe experiment benchmarks/grids/table2.yaml` (resumes), then "

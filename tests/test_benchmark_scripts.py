@@ -128,3 +128,31 @@ def test_each_k_is_paired_with_the_same_variant_on_all_layers_by_seed():
     half = 4.302653 * 0.05 / math.sqrt(3)  # sd 0.05, t(0.975, 2)
     assert floe8.count(f"+0.2500 [{0.25 - half:+.4f}, {0.25 + half:+.4f}] **worse**") == 2
     assert not any(line.startswith("| random |") for line in table)
+
+
+def test_the_decision_rule_picks_an_option_only_when_it_is_better_pooled_and_worse_nowhere():
+    render = _script("render_results")
+
+    def row(variant, seed, data, loss, rouge=0.2, k=8):
+        return {"variant": variant, "k": k, "seed": seed, "data": data, "method": "floe",
+                "metrics": {"final_eval_loss": loss, "test_loss": loss, "rouge_l": rouge}}
+
+    rows = []
+    for data in ("a", "b"):
+        for seed, noise in ((1, 0.0), (2, 0.01), (3, -0.01)):
+            rows += [row("floe", seed, data, 2.0),
+                     row("floe_kwon", seed, data, 1.8 + noise),                      # better everywhere
+                     row("floe_fisher_top", seed, data, 1.6 + noise,                 # better still on loss,
+                         rouge=0.1 + noise if data == "b" else 0.2),                 # but worse ROUGE-L on b
+                     row("floe_refine_none", seed, data, 2.0),                       # the same layers
+                     row("floe_fisher_batch", seed, data, 1.9 + noise)]              # better
+            if seed < 3:
+                rows.append(row("floe_taylor_mask", seed, data, 1.5))               # one seed short
+    decided = render.decide_settings(rows)
+    assert decided["mask_rule"][0] == "kwon" and "worse in rouge_l on b" in decided["mask_rule"][1]
+    assert decided["refine"][0] == "paper" and decided["taylor"][0] == "pending"
+    assert decided["fisher"][0] == "batch"
+    krows = [row("floe", s, "a", loss, k=k) for k, base in ((4, 2.5), (8, 2.2), (16, 2.0), (30, 2.0))
+             for s, loss in ((1, base), (2, base + 0.02), (3, base - 0.01))]
+    assert render.decide_k(krows)[0] == "16"  # 4 and 8 worse than all layers, 16 not shown worse
+    assert render.decide_k([r for r in krows if r["k"] != 16])[0] == "pending"
