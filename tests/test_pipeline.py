@@ -136,7 +136,7 @@ def test_a_selection_that_is_a_position_baseline_is_named_as_one():
     assert L.position_note([0, 5], 30) is None
 
 
-def test_every_layer_listed_is_the_adapter_and_the_training_of_no_list(finished_run):
+def test_a_layer_list_in_any_order_or_naming_every_layer_keys_the_same_training(finished_run):
     from floe.adapters.moe_lora import AdapterSettings, adapter_state_dict
     from floe.pipeline.baselines import attach_peft
 
@@ -146,12 +146,17 @@ def test_every_layer_listed_is_the_adapter_and_the_training_of_no_list(finished_
     apply_moe_lora(unlisted, MoELoraConfig(r=2, num_experts=2), seed=5)
     a, b = adapter_state_dict(listed), adapter_state_dict(unlisted)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    ranked, ordered = tiny_model(), tiny_model()  # a subset in rank order or sorted: the same adapter
+    apply_moe_lora(ranked, MoELoraConfig(r=2, num_experts=2, layers_to_transform=[2, 0]), seed=5)
+    apply_moe_lora(ordered, MoELoraConfig(r=2, num_experts=2, layers_to_transform=[0, 2]), seed=5)
+    a, b = adapter_state_dict(ranked), adapter_state_dict(ordered)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     listed, unlisted = tiny_model(), tiny_model()
     attach_peft(listed, "lora", settings, [0, 1, 2, 3], 4, seed=5)
     attach_peft(unlisted, "lora", settings, None, 4, seed=5)
     a, b = ({n: p for n, p in m.named_parameters() if p.requires_grad} for m in (listed, unlisted))
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-    assert L.train_key([3, 1, 0, 2], 4) is None and L.train_key([0, 1], 4) == [0, 1] and L.train_key(None, 4) is None
+    assert L.train_key([3, 1, 0, 2], 4) is None and L.train_key([2, 0], 4) == [0, 2] and L.train_key(None, 4) is None
     # so random (or FLoE) on all 4 layers reuses the full-layer MoE-LoRA training and evaluation
     tmp, summary, _ = finished_run
     log: list[str] = []

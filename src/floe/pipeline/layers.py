@@ -49,12 +49,12 @@ def lisa_draw(num_layers: int, k: int, seed: int, draw: int) -> list[int]:
 
 
 def train_key(layers: list[int] | None, num_layers: int) -> list[int] | None:
-    """The layer list as a training stage's cache key: None (every layer) when ``layers`` lists each
-    layer once, since that is the same adapter, initialised from the same draws, and the same
-    training; so FLoE or random at k = num_layers reuse full-layer MoE-LoRA's training."""
-    if layers is not None and sorted(layers) == list(range(num_layers)):
+    """The layer list as a training stage's cache key: the set, sorted (a selection lists its layers in
+    rank order, and the order changes neither the adapter nor its training), and None (every layer)
+    when it names each layer, so FLoE or random at k = num_layers reuse full-layer MoE-LoRA's training."""
+    if layers is None or sorted(layers) == list(range(num_layers)):
         return None
-    return layers
+    return sorted(layers)
 
 
 def position_match(layers: list[int], num_layers: int) -> str | None:
