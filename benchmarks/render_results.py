@@ -28,8 +28,6 @@ from floe.pipeline.experiment import PAIRED, cells, finished, load_grid, summari
 ROOT = Path(__file__).resolve().parents[1]
 FULL_LAYER = ("moe_lora", "lora")
 
-
-
 # How the selection defaults are decided from these tables; written down (commit 'results: the rule
 # the selection defaults are set by') before the single-domain cells and Table 3 came in.
 DECISION_RULE = [
@@ -45,6 +43,7 @@ DECISION_RULE = [
      "MoE-LoRA's (Table 3, paired by seed); if none is, k stays 8 (the paper's quarter of the layers) and "
      "Table 3 gives the loss paid at each k."),
 ]
+
 
 def _rows(grid_name: str) -> tuple[list[dict[str, Any]], int]:
     grid = load_grid(ROOT / "benchmarks" / "grids" / f"{grid_name}.yaml")
@@ -210,19 +209,21 @@ def decide_settings(rows: list[dict[str, Any]], seeds: int = 3) -> dict[str, tup
     for r in rows:
         if r["k"] == 8:
             have[(r["variant"], r["data"])].add(r["seed"])
+    pooled = {v: (mean, lo, hi) for v, mean, lo, hi, n in _paired(rows, None, 8, "final_eval_loss", "floe")}
+    worse_somewhere = {(d, m): {v for v, mean, lo, hi, n in _paired(rows, d, 8, m, "floe")
+                                if n > 1 and ((lo > 0) if m != "rouge_l" else (hi < 0))}
+                       for d in datas for m in ("test_loss", "rouge_l")}
     out = {}
     for setting, options in OPTION_VARIANTS.items():
         needed = ["floe", *options.values()]
         if len(datas) < 2 or any(len(have[(v, d)]) < seeds for v in needed for d in datas):
             out[setting] = ("pending", f"not every seed of {', '.join(needed)} on both data sets yet")
             continue
-        pooled = {v: (mean, lo, hi) for v, mean, lo, hi, n in _paired(rows, None, 8, "final_eval_loss", "floe")}
         passing, why = [], []
         for option, variant in options.items():
             mean, lo, hi = pooled[variant]
-            worse = [f"{m} on {d.split(':')[-1]}" for d in datas for m in ("test_loss", "rouge_l")
-                     for v, mm, ll, hh, n in _paired(rows, d, 8, m, "floe")
-                     if v == variant and n > 1 and ((ll > 0) if m != "rouge_l" else (hh < 0))]
+            worse = [f"{m} on {d.split(':')[-1]}" for (d, m), worse_variants in worse_somewhere.items()
+                     if variant in worse_variants]
             if hi < 0 and not worse:
                 passing.append((mean, option))
             why.append(f"{option}: pooled Δ validation loss {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
@@ -232,18 +233,24 @@ def decide_settings(rows: list[dict[str, Any]], seeds: int = 3) -> dict[str, tup
     return out
 
 
+def _by_variant_and_k(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[tuple[str, int], dict[str, Any]]]]:
+    """variant -> k -> (data, seed) -> metrics."""
+    by: dict[str, dict[int, dict[tuple[str, int], dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        by[r["variant"]][r["k"]][(r["data"], r["seed"])] = r["metrics"]
+    return by
+
+
 def decide_k(rows: list[dict[str, Any]], variant: str = "floe", seeds: int = 3, all_k: int = 30) -> tuple[str, str]:
     """DECISION_RULE's k from Table 3 rows: the smallest of 4, 8, 16 whose validation loss is not shown
     worse than the same variant on all layers (paired by seed), else 8; "pending" until every seed is in."""
-    by: dict[int, dict[tuple[str, int], float]] = defaultdict(dict)
-    for r in rows:
-        if r["variant"] == variant:
-            by[r["k"]][(r["data"], r["seed"])] = r["metrics"]["final_eval_loss"]
+    by = _by_variant_and_k(rows)[variant]
     if any(len(by[k]) < seeds for k in (4, 8, 16, all_k)):
         return "pending", f"not every seed of {variant} at k = 4, 8, 16, {all_k} yet"
     why = []
+    loss = "final_eval_loss"
     for k in (4, 8, 16):
-        mean, lo, hi = t_interval([v - by[all_k][key] for key, v in by[k].items() if key in by[all_k]])
+        mean, lo, hi = t_interval([v[loss] - by[all_k][key][loss] for key, v in by[k].items() if key in by[all_k]])
         why.append(f"k = {k}: Δ validation loss vs k = {all_k} {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
         if lo <= 0:
             return str(k), "; ".join(why)
@@ -292,11 +299,8 @@ def _equal_time(t2: list[dict[str, Any]], eq: list[dict[str, Any]], n_eq: int) -
 def _against_all_layers(rows: list[dict[str, Any]], all_k: int = 30) -> list[str]:
     """Each variant at k against the same variant on all layers (k = all_k), paired by seed and data set:
     the evidence for the default k."""
-    by: dict[str, dict[int, dict[tuple[str, int], dict[str, float]]]] = defaultdict(lambda: defaultdict(dict))
-    for r in rows:
-        by[r["variant"]][r["k"]][(r["data"], r["seed"])] = r["metrics"]
     out = []
-    for variant, ks in sorted(by.items()):
+    for variant, ks in sorted(_by_variant_and_k(rows).items()):
         full = ks.get(all_k, {})
         for k in sorted(k for k in ks if k != all_k):
             cells = []

@@ -143,7 +143,8 @@ class _Run:
         from floe.training import train
 
         lisa = method == "lisa"
-        inputs = {**self.common, "layers": L.train_key(layers, self.num_layers), **({"lisa": [self.cfg.k, self.cfg.lisa_interval]} if lisa else {}),
+        inputs = {**self.common, "layers": L.train_key(layers, self.num_layers),
+                  **({"lisa": [self.cfg.k, self.cfg.lisa_interval]} if lisa else {}),
                   **({"peft": method} if method in PEFT_METHODS else {}),
                   **({"virtual_tokens": self.cfg.virtual_tokens} if method in PROMPT_METHODS else {}),
                   **({"full": True} if method == "full" else {})}
