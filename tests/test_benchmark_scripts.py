@@ -156,3 +156,20 @@ def test_the_decision_rule_picks_an_option_only_when_it_is_better_pooled_and_wor
              for s, loss in ((1, base), (2, base + 0.02), (3, base - 0.01))]
     assert render.decide_k(krows)[0] == "16"  # 4 and 8 worse than all layers, 16 not shown worse
     assert render.decide_k([r for r in krows if r["k"] != 16])[0] == "pending"
+
+
+def test_equal_time_pairs_the_grids_variant_with_its_own_40_step_cells_and_full_layers():
+    render = _script("render_results")
+
+    def row(variant, seed, loss, steps=40):
+        return {"variant": variant, "seed": seed, "data": "d", "steps": steps,
+                "metrics": {"final_eval_loss": loss, "test_loss": loss, "rouge_l": 0.2}}
+
+    t2 = [row(v, s, base + 0.01 * s) for v, base in (("moe_lora", 2.0), ("floe", 2.5), ("floe_kwon", 2.3))
+          for s in (1, 2, 3)]
+    eq = [row("floe_kwon", s, 2.1 + 0.01 * s + 0.005 * (s == 2), steps=70) for s in (1, 2, 3)]
+    text = "\n".join(render._equal_time(t2, eq, 3, variant="floe_kwon"))
+    # against floe_kwon at 40 steps: diffs -0.2, -0.195, -0.2; against moe_lora: +0.1, +0.105, +0.1
+    assert "| floe_kwon, 40 steps | final_eval_loss | 3 | -0.1983" in text
+    assert "| moe_lora, 40 steps | final_eval_loss | 3 | +0.1017" in text
+    assert "not run yet for `floe`" in "\n".join(render._equal_time(t2, eq, 3, variant="floe"))
