@@ -63,7 +63,7 @@ SELECT_FLAGS: FlagTable = {
     "--num-batches": ("selection.num_batches", dict(type=int, help="use the first N batches (default: all)")),
     "--budget": ("selection.budget", dict(help="Taylor budget gamma in (0, 1)")),
     "--top-k": ("selection.top_k", dict(type=_top_k, help="layers to choose: a count (8) or a fraction (0.25)")),
-    "--mask-rule": ("selection.mask_rule", dict(help="paper | kwon | fisher_top")),
+    "--mask-rule": ("selection.mask_rule", dict(help="fisher_top (default) | paper | kwon")),
     "--scorer": ("selection.scorer", dict(help="floe | fisher | taylor | grad_norm | random | fim_variance")),
     "--refine": ("selection.refine", dict(help="paper (Alg. 2, default) | block | none")),
     "--refine-iters": ("selection.refine_iters", dict(type=int, help="cap on refinement swaps (default: none)")),

@@ -35,8 +35,9 @@ class SelectionConfig:
     """Taylor budget gamma in (0, 1): C = gamma × the total Taylor cost of all heads and neurons."""
     top_k: int | float = 0.25
     """Layers to choose: a count (int in 1..L) or a fraction of the layers (float in (0, 1])."""
-    mask_rule: str = "paper"
-    """Reading of Alg. 1: paper (mask the smallest Fisher), kwon (keep the largest), fisher_top (mask the largest)."""
+    mask_rule: str = "fisher_top"
+    """Reading of Alg. 1: fisher_top (mask the largest Fisher; the default, chosen by docs/results.md's rule),
+    paper (mask the smallest, the paper's wording), kwon (keep the largest)."""
     scorer: str = "floe"
     """floe (full pipeline) or an ablation scorer: fisher, taylor, grad_norm, random, fim_variance."""
     refine: str = "paper"
