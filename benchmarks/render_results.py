@@ -347,6 +347,16 @@ def _mean_std(vals: list[float], fmt: str) -> str:
     return format(statistics.mean(vals), fmt) + (f" ± {format(statistics.stdev(vals), fmt)}" if len(vals) > 1 else "")
 
 
+def _cost_groups(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """`pipeline_cost*.json` results grouped by their --set overrides ("" for none), so that seeds are
+    averaged only over runs of the same settings."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        extra = {k: v for k, v in r["settings"]["overrides"].items() if k not in ("seed", "k", "data.source")}
+        groups[" ".join(f"{k}={v}" for k, v in sorted(extra.items()))].append(r)
+    return dict(sorted(groups.items()))
+
+
 def _cost_over_seeds(results: list[dict[str, Any]]) -> list[str]:
     """Table 5 over the seeds measured (one `pipeline_cost*.json` per seed): mean ± std of each stage's
     seconds and peak memory, and of the ratios to full-layer training."""
@@ -426,9 +436,10 @@ def render(out: Path) -> Path:
     cost = res / "pipeline_cost.json"
     lines += (_measured(json.loads(cost.read_text()), "report") if cost.is_file() else ["Not measured yet."]) + [""]
     costs = [json.loads(p.read_text()) for p in sorted(res.glob("pipeline_cost*.json"))]
-    costs = [c for c in costs if not c.get("smoke")]
-    if len(costs) > 1:
-        lines += _cost_over_seeds(costs)
+    for settings, group in _cost_groups([c for c in costs if not c.get("smoke")]).items():
+        if settings:
+            lines += [f"With `{settings}` (`--set {settings}`), the selection setting the rule decided:", ""]
+        lines += _cost_over_seeds(group)
     lines += _equal_time(t2, eq, n_eq, selection_variant("equal_time"))
     lines += ["## Table 4 analogue: inference latency", "",
               "Reproduce on a quiet machine: `python benchmarks/inference_latency.py`.", ""]

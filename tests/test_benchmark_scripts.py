@@ -173,3 +173,16 @@ def test_equal_time_pairs_the_grids_variant_with_its_own_40_step_cells_and_full_
     assert "| floe_kwon, 40 steps | final_eval_loss | 3 | -0.1983" in text
     assert "| moe_lora, 40 steps | final_eval_loss | 3 | +0.1017" in text
     assert "not run yet for `floe`" in "\n".join(render._equal_time(t2, eq, 3, variant="floe"))
+
+
+def test_cost_results_are_averaged_only_over_runs_of_the_same_settings():
+    render = _script("render_results")
+
+    def res(seed, **extra):
+        return {"settings": {"seed": seed, "overrides": {"seed": seed, "k": 8, **extra}}}
+
+    groups = render._cost_groups([res(1), res(2), res(1, **{"select.config.mask_rule": "fisher_top",
+                                                                "data.source": "bigbench:x"}), res(3)])
+    assert sorted(groups) == ["", "select.config.mask_rule=fisher_top"]
+    assert [r["settings"]["seed"] for r in groups[""]] == [1, 2, 3]
+    assert len(groups["select.config.mask_rule=fisher_top"]) == 1
