@@ -161,3 +161,18 @@ def test_allocate_print_config_and_errors_go_through_the_one_handler(tmp_path, c
     assert "nope.yaml not found" in capsys.readouterr().err
     assert main(["allocate", "--model", "tiny"]) == 2  # no output folder: refused before the model is loaded
     assert capsys.readouterr().err.startswith("floe allocate: error: --output is required")
+
+
+def test_print_config_shows_the_job_as_the_file_flags_and_set_resolve_it(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("train: {max_steps: 11}\nselect: {config: {top_k: 5}}\n")
+    assert main(["run", str(cfg), "--print-config", "--set", "select.config.mask_rule=kwon"]) == 0
+    out = capsys.readouterr().out
+    assert "\n  max_steps: 11  # Stop after" in out and "    top_k: 5  #" in out and "    mask_rule: kwon  #" in out
+    assert main(["train", "--print-config", "--steps", "7", "--r", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "  max_steps: 7  #" in out and "  r: 4  #" in out
+    assert main(["run", "--print-config"]) == 0  # no file: the defaults
+    assert "  max_steps: -1  # Stop after" in capsys.readouterr().out
+    assert main(["run", str(cfg), "--print-config", "--set", "select.k=3"]) == 2  # a bad key is an error here too
+    assert "unknown config key 'select.k'" in capsys.readouterr().err

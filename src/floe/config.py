@@ -161,18 +161,23 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """Lines ``key: default  # doc`` for every field (recursing into nested dataclasses)."""
+def describe(cls_or_job: Any, prefix: str = "") -> list[str]:
+    """Lines ``key: value  # doc`` for every field (recursing into nested dataclasses): the defaults of
+    a job class, or the values of a job built from a config file, flags and ``--set``."""
     lines = []
-    docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
-        if dataclasses.is_dataclass(default):
-            lines.append(f"{prefix}{f.name}:")
-            lines += describe(type(default), prefix + "  ")
+    is_job = not isinstance(cls_or_job, type)
+    docs = field_docs(type(cls_or_job) if is_job else cls_or_job)
+    for f in dataclasses.fields(cls_or_job):
+        if is_job:
+            value = getattr(cls_or_job, f.name)
         else:
-            lines.append(f"{prefix}{f.name}: {yaml.safe_dump(to_dict(default), default_flow_style=True).strip().removesuffix('...').strip()}"
+            value = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{prefix}{f.name}:")
+            lines += describe(value if is_job else type(value), prefix + "  ")
+        else:
+            lines.append(f"{prefix}{f.name}: {yaml.safe_dump(to_dict(value), default_flow_style=True).strip().removesuffix('...').strip()}"
                          f"  # {docs.get(f.name, '')}")
     return lines
 

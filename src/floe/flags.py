@@ -17,7 +17,8 @@ FlagTable = dict[str, tuple[str, dict[str, Any]]]
 
 EPILOG = """Every job reads one YAML file (--config) whose keys mirror the dataclasses of the Python
 API; command-line flags override it, and --set a.b=value overrides any key. `floe train
---print-config` prints every key with its default and a one-line description."""
+--print-config` prints every key with its value (the defaults, or as the file, flags and --set
+resolve it) and a one-line description."""
 
 
 def parse_layers(text: str) -> list[int] | None:
@@ -102,7 +103,7 @@ def add_job_flags(p: argparse.ArgumentParser, flags: FlagTable) -> None:
     p.add_argument("--config", "-c", help="YAML config file (flags override it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set train.warmup_ratio=0.1 (repeatable)")
-    p.add_argument("--print-config", action="store_true", help="print every config key with default and description, then exit")
+    p.add_argument("--print-config", action="store_true", help="print every config key as resolved (defaults, file, flags, --set) with its description, then exit")
     for flag, (key, kw) in flags.items():
         names = flag.split()
         if not {"action", "choices", "metavar"} & set(kw):  # usage says --budget-rank BUDGET_RANK, not the dest

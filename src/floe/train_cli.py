@@ -52,7 +52,7 @@ def run_train_command(args: argparse.Namespace) -> int:
     from floe.config import describe
 
     if args.print_config:
-        print("\n".join(describe(jobs.TrainJob)))
+        print("\n".join(describe(job_from(args))))  # the job as resolved: file, flags, --set
         return 0
     jobs.run_train(job_from(args))
     return 0

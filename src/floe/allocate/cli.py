@@ -126,7 +126,7 @@ def run_allocate(args: argparse.Namespace, log=print) -> int:
     from floe.config import describe
 
     if getattr(args, "print_config", False):
-        print("\n".join(describe(AllocateJob)))
+        print("\n".join(describe(job_from(args))))  # the job as resolved: file, flags, --set
         return 0
     run_job(job_from(args), log=log)
     return 0

@@ -132,28 +132,12 @@ def run_job(job: EvalJob, log=print) -> dict[str, Any]:
     return result
 
 
-def _describe() -> list[str]:
-    """``describe(EvalJob)`` with the data keys whose defaults floe eval changes shown with its values."""
-    import yaml
-
-    from floe.config import describe
-
-    lines, section = [], ""
-    for line in describe(EvalJob):
-        if not line.startswith(" "):
-            section = line.split(":", 1)[0]
-        key = line.strip().split(":", 1)[0]
-        if section == "data" and line.startswith("  ") and key in EVAL_DATA_DEFAULTS:
-            value = yaml.safe_dump(EVAL_DATA_DEFAULTS[key], default_flow_style=True).strip().removesuffix("...").strip()
-            line = f"  {key}: {value}  #{line.split('#', 1)[1]} (floe eval default)"
-        lines.append(line)
-    return lines
-
-
 def run_eval(args: argparse.Namespace) -> int:
     """Entry point of ``floe eval`` (returns the exit status)."""
     if getattr(args, "print_config", False):
-        print("\n".join(_describe()))
+        from floe.config import describe
+
+        print("\n".join(describe(job_from(args))))  # as resolved: file, flags, --set, floe eval's data defaults
         return 0
     run_job(job_from(args))  # input errors (InputError) are reported by floe.cli.main, the one handler
     return 0

@@ -67,11 +67,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from floe.config import describe
     from floe.pipeline import RunConfig, run
 
-    if args.print_config:
-        print("\n".join(describe(RunConfig)))
-        return 0
     if args.config_file and not args.config:
         args.config = args.config_file
+    if args.print_config:  # the config as resolved: file, flags, --set
+        print("\n".join(describe(job_from_args(RunConfig, args, RUN_FLAGS))))
+        return 0
     run(job_from_args(RunConfig, args, RUN_FLAGS))
     return 0
 

@@ -80,7 +80,7 @@ def run_search(args: argparse.Namespace, log=print) -> int:  # type: ignore[no-u
     from floe.search.job import SearchJob, run_search_job
 
     if getattr(args, "print_config", False):
-        print("\n".join(describe(SearchJob)))
+        print("\n".join(describe(job_from_args(SearchJob, args, SEARCH_FLAGS))))  # as resolved
         return 0
     install_sigterm_handler()
     _quiet_progress_bars()

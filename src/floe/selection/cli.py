@@ -187,7 +187,7 @@ def run_select(args: argparse.Namespace) -> int:
     from floe.config import describe
 
     if getattr(args, "print_config", False):
-        print("\n".join(describe(SelectJob)))
+        print("\n".join(describe(_job(args))))  # the job as resolved: file, flags, --set
         return 0
     return _run(_job(args))  # input errors (InputError) are reported by floe.cli.main
 
