@@ -183,3 +183,28 @@ def test_old_format_folder_is_refused_naming_convert_adapter_and_converts_exactl
     assert torch.equal(logits(pm, x), expected)
     assert main(["convert-adapter", str(tmp_path / "new"), str(tmp_path / "x")]) == 2
     assert "not an old-format FLoE adapter folder" in capsys.readouterr().err
+
+
+def test_saved_adapter_names_the_base_model_the_user_asked_for_not_the_loaded_folder(tmp_path, recwarn):
+    # a built-in model loads from a folder in this machine's cache; its adapter must name the model, not the folder
+    from floe.adapters.moe_lora import AdapterSettings
+    from floe.adapters.moe_lora.model import peft_model
+    from floe.pipeline.baselines import attach_peft
+
+    model = tiny_model()
+    model.config._name_or_path = str(tmp_path / "cache" / "models" / "smollm2-135m")
+    floe.apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, base_model_name_or_path="smollm2-135m"))
+    floe.save_adapter(model, tmp_path / "moe")
+    assert json.loads((tmp_path / "moe" / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
+    assert not [w for w in recwarn if "renamed" in str(w.message)]
+    plain = tiny_model()
+    plain.config._name_or_path = str(tmp_path / "cache" / "models" / "smollm2-135m")
+    attach_peft(plain, "lora", AdapterSettings(r=2, target_modules=["q_proj"], base_model_name_or_path="smollm2-135m"),
+                None, 10, seed=0)
+    peft_model(plain).save_pretrained(str(tmp_path / "lora"))
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
+    model = tiny_model()  # no name asked for: the model's own, as PEFT does
+    model.config._name_or_path = "owner/model"
+    floe.apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2))
+    floe.save_adapter(model, tmp_path / "own")
+    assert json.loads((tmp_path / "own" / "adapter_config.json").read_text())["base_model_name_or_path"] == "owner/model"

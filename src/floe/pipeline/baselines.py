@@ -10,6 +10,7 @@ then runs the model, so evaluation goes through :class:`VirtualTokens`. One trai
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from floe.adapters.moe_lora import AdapterSettings
-from floe.adapters.moe_lora.model import _PEFT_ATTR, peft_model
+from floe.adapters.moe_lora.model import _PEFT_ATTR, RENAMED_WARNING, name_base_model, peft_model
 from floe.arch import trainable_parameter_count
 
 LORA_METHODS = ("lora", "dora", "adalora", "fim_lora")
@@ -53,9 +54,11 @@ def attach_peft(model, method: str, settings: AdapterSettings, layers: list[int]
     """Attach ``method``'s adapter to ``model`` in place, initialised from ``seed``."""
     from peft import get_peft_model
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         torch.manual_seed(seed)
+        warnings.filterwarnings("ignore", message=RENAMED_WARNING)  # named below
         wrapper = get_peft_model(model, peft_config(method, settings, layers, total_steps, **kwargs))
+    name_base_model(wrapper, settings.base_model_name_or_path)
     model.__dict__[_PEFT_ATTR] = wrapper  # floe.train finds the PeftModel as it finds MoE-LoRA's
 
 

@@ -182,7 +182,8 @@ class _Run:
             return []
         if method in PEFT_METHODS:
             alloc = json.loads((allocation.dir / "allocation" / "adapter_config.json").read_text()) if allocation else None
-            attach_peft(model, method, self.adapter, layers, self.total_steps(), self.cfg.seed,
+            attach_peft(model, method, dataclasses.replace(self.adapter, base_model_name_or_path=self.cfg.model.name),
+                        layers, self.total_steps(), self.cfg.seed,
                         virtual_tokens=self.cfg.virtual_tokens, allocation=alloc)
             return [AdaLoraSchedule(model)] if method == "adalora" else []
         self.attach(model, layers)

@@ -144,15 +144,16 @@ def apply_moe_lora(model: nn.Module, config: MoELoraConfig | AdapterSettings, se
         raise AdapterError("apply_moe_lora takes the base model; to add an adapter to a PeftModel use "
                            "model.add_adapter(name, MoELoraConfig(...))")
     _check_fits(model, config)
-    if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    base_name = config.base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None
     modes = {n: m.training for n, m in model.named_modules()}
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
         with warnings.catch_warnings():  # PEFT 0.21 asks transformers 5 a deprecated name; not the user's concern
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=RENAMED_WARNING)  # named back just below
             wrapper = get_peft_model(model, config)
+    name_base_model(wrapper, base_name)
     wrapped = list(moe_lora_modules(model))
     for name, m in model.named_modules():  # new modules start in train mode; keep the model's mode
         if isinstance(m, MoELoraLinear):
@@ -160,6 +161,21 @@ def apply_moe_lora(model: nn.Module, config: MoELoraConfig | AdapterSettings, se
             m.keep_router_probs = config.router_aux_loss_coef > 0
     model.__dict__[_PEFT_ATTR] = wrapper
     return wrapped
+
+
+RENAMED_WARNING = ".*base_model_name_or_path. was renamed"
+"""PEFT's warning when ``get_peft_model`` replaces the config's base model name by the model's own path."""
+
+
+def name_base_model(wrapper: PeftModel, name: str | None) -> None:
+    """Record ``name`` as the base model of ``wrapper``'s adapters (their ``adapter_config.json``).
+
+    ``get_peft_model`` overwrites the config's name with the loaded model's own path, which for a
+    built-in model is a folder in this machine's FLoE cache; the name the user asked for
+    (``smollm2-135m``, a hub id) is what another machine can load the adapter onto."""
+    if name:
+        for cfg in wrapper.peft_config.values():
+            cfg.base_model_name_or_path = name
 
 
 def adapter_config(model: nn.Module) -> MoELoraConfig:
