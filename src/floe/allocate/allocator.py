@@ -273,15 +273,8 @@ def save_allocation(allocation: Allocation, output_dir: str | Path, model: nn.Mo
 
 def _save_initialised_adapter(allocation: Allocation, model: nn.Module, folder: Path) -> None:
     """PEFT's adapter folder for ``allocation`` on ``model`` (A initialised with the config's seed, B = 0)."""
-    # PEFT renames the config's base model to the model's own _name_or_path (with a warning);
-    # attach with that name, then record the caller's name as the config-only path does
-    own = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    with attached_lora(model, allocation.lora_config(base_model_name_or_path=own), allocation.config.seed) as peft_model:
+    with attached_lora(model, allocation.lora_config(), allocation.config.seed) as peft_model:
         got = {m.name: int(layer.r["default"]) for m, layer in lora_matrices(peft_model)}
         if got != allocation.rank_by_name:
             raise AssertionError(f"PEFT did not apply the rank pattern: {got} vs {allocation.rank_by_name}")
         peft_model.save_pretrained(str(folder))
-    cfg_path = folder / "adapter_config.json"
-    saved = json.loads(cfg_path.read_text())
-    saved["base_model_name_or_path"] = allocation.base_model_name_or_path
-    cfg_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")

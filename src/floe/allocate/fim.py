@@ -32,6 +32,7 @@ from typing import Any, Iterable, Iterator, Literal
 import torch
 import torch.nn as nn
 
+from floe.adapters.naming import attach
 from floe.arch import model_device, model_inputs
 from floe.errors import InputError
 
@@ -108,7 +109,7 @@ def attached_lora(model: nn.Module, lora_config: Any, seed: int) -> Iterator[Any
     peft_model = None
     try:
         try:
-            peft_model = peft.get_peft_model(model, lora_config)
+            peft_model = attach(model, lora_config)  # get_peft_model, keeping the base model's name
         except ValueError as e:
             if "not found" in str(e) or "match" in str(e).lower():
                 names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})

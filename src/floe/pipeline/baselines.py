@@ -10,7 +10,6 @@ then runs the model, so evaluation goes through :class:`VirtualTokens`. One trai
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -18,7 +17,8 @@ from torch import nn
 from transformers import TrainerCallback
 
 from floe.adapters.moe_lora import AdapterSettings
-from floe.adapters.moe_lora.model import _PEFT_ATTR, RENAMED_WARNING, name_base_model, peft_model
+from floe.adapters.moe_lora.model import _PEFT_ATTR, peft_model
+from floe.adapters.naming import attach
 from floe.arch import trainable_parameter_count
 
 LORA_METHODS = ("lora", "dora", "adalora", "fim_lora")
@@ -37,8 +37,8 @@ def peft_config(method: str, settings: AdapterSettings, layers: list[int] | None
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual_tokens)
     if method == "p_tuning":  # PEFT's default encoder: a 2-layer MLP of the model's hidden size
         return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual_tokens)
-    common = dict(target_modules=list(settings.target_modules), lora_alpha=settings.alpha,
-                  lora_dropout=settings.dropout, layers_to_transform=layers, task_type="CAUSAL_LM")
+    common = {"target_modules": list(settings.target_modules), "lora_alpha": settings.alpha,
+              "lora_dropout": settings.dropout, "layers_to_transform": layers, "task_type": "CAUSAL_LM"}
     if method == "adalora":
         return AdaLoraConfig(init_r=max(settings.r * 3 // 2, settings.r), target_r=settings.r,
                              total_step=total_steps, tinit=total_steps // 10, tfinal=total_steps // 5, **common)
@@ -52,13 +52,11 @@ def peft_config(method: str, settings: AdapterSettings, layers: list[int] | None
 def attach_peft(model, method: str, settings: AdapterSettings, layers: list[int] | None, total_steps: int,
                 seed: int, **kwargs: Any) -> None:
     """Attach ``method``'s adapter to ``model`` in place, initialised from ``seed``."""
-    from peft import get_peft_model
-
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+    config = peft_config(method, settings, layers, total_steps, **kwargs)
+    config.base_model_name_or_path = settings.base_model_name_or_path
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        warnings.filterwarnings("ignore", message=RENAMED_WARNING)  # named below
-        wrapper = get_peft_model(model, peft_config(method, settings, layers, total_steps, **kwargs))
-    name_base_model(wrapper, settings.base_model_name_or_path)
+        wrapper = attach(model, config)  # get_peft_model, keeping the base model's name
     model.__dict__[_PEFT_ATTR] = wrapper  # floe.train finds the PeftModel as it finds MoE-LoRA's
 
 

@@ -62,11 +62,12 @@ class _Run:
 
     @property
     def adapter(self):
-        """The adapter settings the final training uses: the config's, or the searched r and M."""
-        return dataclasses.replace(self.cfg.adapter, **self.searched)
+        """The adapter settings the final training uses: the config's, or the searched r and M; the
+        adapter records the model as the config names it (not the folder it was loaded from)."""
+        return dataclasses.replace(self.cfg.adapter, base_model_name_or_path=self.cfg.model.name, **self.searched)
 
     def attach(self, model, layers: list[int] | None) -> None:
-        adapter = dataclasses.replace(self.adapter, layers=layers, base_model_name_or_path=self.cfg.model.name)
+        adapter = dataclasses.replace(self.adapter, layers=layers)
         apply_moe_lora(model, adapter, seed=self.cfg.seed)
 
     def total_steps(self) -> int:
@@ -182,8 +183,7 @@ class _Run:
             return []
         if method in PEFT_METHODS:
             alloc = json.loads((allocation.dir / "allocation" / "adapter_config.json").read_text()) if allocation else None
-            attach_peft(model, method, dataclasses.replace(self.adapter, base_model_name_or_path=self.cfg.model.name),
-                        layers, self.total_steps(), self.cfg.seed,
+            attach_peft(model, method, self.adapter, layers, self.total_steps(), self.cfg.seed,
                         virtual_tokens=self.cfg.virtual_tokens, allocation=alloc)
             return [AdaLoraSchedule(model)] if method == "adalora" else []
         self.attach(model, layers)

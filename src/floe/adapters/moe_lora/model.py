@@ -17,15 +17,16 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from floe.adapters.moe_lora.config import MoELoraConfig
-from floe.adapters.moe_lora.settings import AdapterSettings
 from floe.adapters.moe_lora.convert import OLD_CONFIG_NAME
 from floe.adapters.moe_lora.layer import MoELoraLinear
+from floe.adapters.moe_lora.settings import AdapterSettings
+from floe.adapters.naming import attach
 from floe.arch import decoder_layers, trainable_parameter_count  # noqa: F401 (re-exported)
 from floe.errors import InputError
 from floe.io import atomic_dir
@@ -144,16 +145,13 @@ def apply_moe_lora(model: nn.Module, config: MoELoraConfig | AdapterSettings, se
         raise AdapterError("apply_moe_lora takes the base model; to add an adapter to a PeftModel use "
                            "model.add_adapter(name, MoELoraConfig(...))")
     _check_fits(model, config)
-    base_name = config.base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None
     modes = {n: m.training for n, m in model.named_modules()}
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
         with warnings.catch_warnings():  # PEFT 0.21 asks transformers 5 a deprecated name; not the user's concern
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            warnings.filterwarnings("ignore", message=RENAMED_WARNING)  # named back just below
-            wrapper = get_peft_model(model, config)
-    name_base_model(wrapper, base_name)
+            wrapper = attach(model, config)  # get_peft_model, keeping the base model's name
     wrapped = list(moe_lora_modules(model))
     for name, m in model.named_modules():  # new modules start in train mode; keep the model's mode
         if isinstance(m, MoELoraLinear):
@@ -161,21 +159,6 @@ def apply_moe_lora(model: nn.Module, config: MoELoraConfig | AdapterSettings, se
             m.keep_router_probs = config.router_aux_loss_coef > 0
     model.__dict__[_PEFT_ATTR] = wrapper
     return wrapped
-
-
-RENAMED_WARNING = ".*base_model_name_or_path. was renamed"
-"""PEFT's warning when ``get_peft_model`` replaces the config's base model name by the model's own path."""
-
-
-def name_base_model(wrapper: PeftModel, name: str | None) -> None:
-    """Record ``name`` as the base model of ``wrapper``'s adapters (their ``adapter_config.json``).
-
-    ``get_peft_model`` overwrites the config's name with the loaded model's own path, which for a
-    built-in model is a folder in this machine's FLoE cache; the name the user asked for
-    (``smollm2-135m``, a hub id) is what another machine can load the adapter onto."""
-    if name:
-        for cfg in wrapper.peft_config.values():
-            cfg.base_model_name_or_path = name
 
 
 def adapter_config(model: nn.Module) -> MoELoraConfig:
