@@ -393,7 +393,8 @@ def render(out: Path) -> Path:
              "projections, 40 steps of batch 4 over the same fixed training set, the same seed stream for every "
              "method; validation loss on the validation split, test loss / exact match / ROUGE-L on the test split.",
              "", f"Progress: Table 2 grid {len(t2)} of {n2} cells, Table 3 grid {len(t3)} of {n3} cells "
-             f"(its k = 8 cells are Table 2's), equal-time grid {len(eq)} of {n_eq} cells.", "", "## Reading (k = 8, paired by seed against random)", ""]
+             f"(its k = 8 cells are Table 2's), equal-time grid {len(eq)} of {n_eq} cells.", "",
+             "## Reading (k = 8, paired by seed against random)", ""]
     lines += _reading(t2) or ["No cell has its `random` counterpart (same seed and data) yet: nothing to compare."]
     lines += ["", *DECISION_RULE, "", "The rule applied to the results files as they stand:", "",
               "| setting | the paper's option | the rule's outcome | evidence |", "|---|---|---|---|"]

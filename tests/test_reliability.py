@@ -1,6 +1,7 @@
 """Same seed, same result; every input error one line; re-runs and resumes keep the records."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -13,13 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tokenizer, tiny_model
+from train_helpers import (
+    KillAfter,
+    Killed,
+    save_tiny_model_folder,
+    tokenized,
+    write_alpaca_jsonl,
+)
 from transformers import TrainerCallback
 
-from conftest import make_tokenizer, tiny_model
 from floe.adapters.moe_lora import MoELoraConfig, adapter_state_dict, apply_moe_lora
 from floe.cli import main
 from floe.training import RECORD_FILE, TrainConfig, train
-from train_helpers import Killed, KillAfter, save_tiny_model_folder, tokenized, write_alpaca_jsonl
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -212,9 +219,9 @@ def _fresh_model():
 
 
 def _cfg(out: Path, **kw) -> TrainConfig:
-    base = dict(output_dir=str(out), learning_rate=5e-3, max_steps=8, batch_size=4, logging_steps=1, save_steps=2,
-                save_total_limit=3, report_to=[], progress_bar=False, seed=3)
-    return TrainConfig(**{**base, **kw})
+    return dataclasses.replace(TrainConfig(output_dir=str(out), learning_rate=5e-3, max_steps=8, batch_size=4,
+                                           logging_steps=1, save_steps=2, save_total_limit=3, report_to=[],
+                                           progress_bar=False, seed=3), **kw)
 
 
 def test_resume_keeps_the_untrained_loss_history_and_time(tmp_path):

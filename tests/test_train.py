@@ -2,22 +2,28 @@
 own PEFT support), a killed run resumes exactly."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import peft
 import pytest
 import torch
-
 from conftest import make_tokenizer, tiny_model
-from floe.adapters.moe_lora import MoELoraConfig, adapter_state_dict, apply_moe_lora, load_adapter
+from train_helpers import KillAfter, Killed, tokenized
+
+from floe.adapters.moe_lora import (
+    MoELoraConfig,
+    adapter_state_dict,
+    apply_moe_lora,
+    load_adapter,
+)
 from floe.training import TrainConfig, train
-from train_helpers import Killed, KillAfter, tokenized
 
 
 def _cfg(out: Path, **kw) -> TrainConfig:
-    base = dict(output_dir=str(out), learning_rate=5e-3, max_steps=12, batch_size=4, logging_steps=1,
-                save_steps=100, report_to=[], progress_bar=False, seed=3)
-    return TrainConfig(**{**base, **kw})
+    return dataclasses.replace(TrainConfig(output_dir=str(out), learning_rate=5e-3, max_steps=12, batch_size=4,
+                                           logging_steps=1, save_steps=100, report_to=[], progress_bar=False, seed=3),
+                               **kw)
 
 
 def test_training_lowers_validation_loss_and_saves_only_the_adapter(tmp_path):
