@@ -349,3 +349,16 @@ def test_print_config_shows_the_eval_data_defaults(capsys):
     out = capsys.readouterr().out
     assert "  on_error: skip  #" in out and "  truncate_prompt: true  #" in out
     assert "  max_new_tokens: 64  #" in out and "harness_tasks: []" in out
+
+
+def test_choice_with_the_prompt_run_once_scores_as_the_full_sequences(arch):
+    """share_prompt (one prompt pass, options continued from its key/value cache) against every
+    prompt + option scored in full: the same log-likelihoods, hence the same picks."""
+    model, tok = tiny_model(arch, seed=4), make_tokenizer()
+    recs = _records(6)
+    shared = evaluate_choice(model, tok, recs, batch_size=4, share_prompt=True)
+    full = evaluate_choice(model, tok, recs, batch_size=4, share_prompt=False)
+    for a, b in zip(shared["predictions"], full["predictions"]):
+        assert a["logprobs"] == pytest.approx(b["logprobs"], rel=1e-4, abs=1e-4)
+        assert a["prediction"] == b["prediction"]
+    assert shared["accuracy"] == full["accuracy"]

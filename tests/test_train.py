@@ -52,6 +52,49 @@ def test_training_lowers_validation_loss_and_saves_only_the_adapter(tmp_path):
 
 
 
+@torch.no_grad()
+def _val_loss(model, data, batch_size: int = 4) -> float:
+    """The Trainer's eval_loss by a naive loop: the mean over equal batches (in order) of each batch's mean token loss."""
+    from floe.data import DataCollator
+
+    model.eval()
+    collate = DataCollator(make_tokenizer())
+    losses = [float(model(**collate([data[j] for j in range(i, i + batch_size)])).loss)
+              for i in range(0, len(data), batch_size)]
+    return sum(losses) / len(losses)
+
+
+def test_keep_best_saves_the_adapter_of_the_lowest_validation_loss_and_a_resume_keeps_it(tmp_path):
+    data, val = tokenized(24, tmp_path), tokenized(8, tmp_path)
+    tok = make_tokenizer()
+
+    def fresh():
+        m = tiny_model("llama")
+        apply_moe_lora(m, MoELoraConfig(r=4, num_experts=2, dropout=0.0), seed=2)
+        return m
+
+    # a learning rate high enough that the validation loss goes up again: best is not the last step
+    cfg = _cfg(tmp_path / "run", max_steps=12, eval_steps=2, keep_best=True, learning_rate=0.08, save_steps=4)
+    model = fresh()
+    res = train(model, tok, data, val, cfg)
+    curve = dict(res.eval_losses)
+    assert sorted(curve) == [0, 2, 4, 6, 8, 10, 12]
+    best = min(curve, key=curve.get)
+    assert (res.best_step, res.best_eval_loss) == (best, pytest.approx(curve[best]))
+    # the saved folder is that step's adapter: a fresh model with it has that validation loss
+    other = fresh()
+    load_adapter(other, tmp_path / "run" / "best_adapter")
+    assert _val_loss(other, val) == pytest.approx(res.best_eval_loss, rel=1e-4)
+    # killed after step 8, then resumed: the best of the steps before the kill still counts
+    part = fresh()
+    with pytest.raises(Killed):
+        train(part, tok, data, val, dataclasses.replace(cfg, output_dir=str(tmp_path / "killed")),
+              callbacks=[KillAfter(8)])
+    again = train(fresh(), tok, data, val, dataclasses.replace(cfg, output_dir=str(tmp_path / "killed")))
+    assert again.best_step == res.best_step and again.best_eval_loss == pytest.approx(res.best_eval_loss, rel=1e-5)
+    assert (tmp_path / "killed" / "best_adapter" / "adapter_model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("how", ["apply_moe_lora", "get_peft_model"])
 def test_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path, how):
     """The resume goes through transformers' own PEFT checkpointing (no FLoE override)."""

@@ -81,6 +81,8 @@ class TrainConfig:
     """Evaluate every this many steps (0: only at the start and the end)."""
     eval_before_training: bool = True
     """Measure the validation loss of the untrained adapter first (B = 0: the base model)."""
+    keep_best: bool = False
+    """Also keep the adapter of the lowest validation loss seen (every eval_steps) in <output_dir>/best_adapter."""
     save_steps: int = 50
     """Write a resumable checkpoint every this many steps."""
     save_total_limit: int = 2
@@ -129,6 +131,12 @@ class TrainResult:
     adapter_dir: str | None
     run_config: dict[str, Any] = field(default_factory=dict)
     """The training and adapter settings that determine the result (see ``run_config``)."""
+    best_step: int | None = None
+    """keep_best: the step of the lowest validation loss (0: the untrained adapter)."""
+    best_eval_loss: float | None = None
+    """keep_best: that validation loss."""
+    best_adapter_dir: str | None = None
+    """keep_best: the folder of the adapter saved at best_step."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,6 +163,31 @@ class _StepTimer(TrainerCallback):
         if self._t0 is not None:
             self.times.append(time.perf_counter() - self._t0)
             self._t0 = None
+
+
+BEST_DIR = "best_adapter"
+BEST_FILE = "best.json"
+
+
+class BestAdapter(TrainerCallback):
+    """``keep_best``: after each evaluation whose validation loss is the lowest so far, save the adapter to
+    ``<output_dir>/best_adapter`` (atomically) and its step and loss to ``best.json``. The Trainer's own
+    ``load_best_model_at_end`` would replace the final adapter, and both are wanted. A resumed run reads
+    ``best.json`` back, so the best of the steps before a kill still counts."""
+
+    def __init__(self, model, out: Path) -> None:
+        self.model, self.out = model, out
+        record = json.loads((out / BEST_FILE).read_text()) if (out / BEST_FILE).is_file() else {}
+        self.step: int | None = record.get("step")
+        self.loss: float | None = record.get("eval_loss")
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None or not state.is_world_process_zero or (self.loss is not None and loss >= self.loss):
+            return
+        self.step, self.loss = int(state.global_step), float(loss)
+        save_run_adapter(self.model, self.out / BEST_DIR)
+        atomic_write_text(self.out / BEST_FILE, json.dumps({"step": self.step, "eval_loss": self.loss}) + "\n")
 
 
 class MoELoraTrainer(Trainer):
@@ -274,6 +307,14 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
     initial_eval = record.get("initial_eval_loss")
     if eval_data is not None and cfg.eval_before_training and resume_from is None:
         initial_eval = float(trainer.evaluate()["eval_loss"])
+    best = BestAdapter(model, out) if cfg.keep_best and eval_data is not None else None
+    if best is not None:
+        if resume_from is None:  # a fresh start: no best of an earlier attempt counts
+            (out / BEST_FILE).unlink(missing_ok=True)
+            best.step = best.loss = None
+        trainer.add_callback(best)
+        if initial_eval is not None and resume_from is None:  # the untrained adapter is the first candidate
+            best.on_evaluate(args, trainer.state, None, metrics={"eval_loss": initial_eval})
     run_record = RunRecord(settings, initial_eval, record.get("train_seconds", 0.0))
     trainer.add_callback(run_record)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -306,6 +347,9 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
         adapter_dir=None,
         run_config=settings,
     )
+    if best is not None and best.step is not None:
+        result.best_step, result.best_eval_loss = best.step, best.loss
+        result.best_adapter_dir = str(out / BEST_DIR)
     if trainer.args.should_save:
         adapter_dir = weights_folder(out, model)
         save_run_adapter(model, adapter_dir)

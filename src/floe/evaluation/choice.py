@@ -5,7 +5,7 @@ from typing import Any, Sequence
 
 from floe.data import IGNORE_INDEX, Record
 
-from .logprobs import sequence_logprobs
+from .logprobs import option_logprobs, sequence_logprobs
 from .metrics import chance_level, choice_chance, correct_options, macro_average, mean
 from .prompts import draw_shots, prompt_ids, prompt_messages
 
@@ -31,12 +31,15 @@ def option_features(prompt: list[int], options: Sequence[str], tokenizer, max_le
 
 def evaluate_choice(model, tokenizer, records: Sequence[Record], *, shots: dict[str, list[Record]] | None = None,
                     num_shots: int = 0, shot_seed: int = 0, batch_size: int = 8, max_length: int = 1024,
-                    template: str = "auto", progress=None, keep_predictions: bool = True) -> dict[str, Any]:
+                    template: str = "auto", progress=None, keep_predictions: bool = True,
+                    share_prompt: bool = True) -> dict[str, Any]:
     """Pick the option with the highest summed log-likelihood given the prompt (no length
     normalisation; ties go to the first option in the task's order); it is correct when its
     ``target_scores`` value is the highest of the example's. ``chance`` beside each accuracy is
     the mean over examples of #correct options / #options. ``num_shots`` > 0 prepends that many
     solved examples of the same task from ``shots`` (the train split) as earlier chat turns.
+    ``share_prompt`` runs each prompt once and continues every option from its key/value cache
+    (:func:`.logprobs.option_logprobs`); False scores every prompt + option sequence in full, batched.
     """
     features: list[dict] = []
     spans: list[tuple[int, int]] = []
@@ -48,7 +51,16 @@ def evaluate_choice(model, tokenizer, records: Sequence[Record], *, shots: dict[
         n_truncated += truncated
         spans.append((len(features), len(features) + len(feats)))
         features += feats
-    scored = sequence_logprobs(model, tokenizer, features, batch_size, progress)
+    if share_prompt and getattr(model, "prompt_cache", True):  # prompt-tuning wrappers opt out
+        scored = []
+        for a, b in spans:
+            prompt = [t for t, lab in zip(features[a]["input_ids"], features[a]["labels"]) if lab == IGNORE_INDEX]
+            scored += [(s, 0) for s in option_logprobs(model, prompt, [f["input_ids"][len(prompt):]
+                                                                       for f in features[a:b]])]
+            if progress is not None:
+                progress(b - a)
+    else:
+        scored = sequence_logprobs(model, tokenizer, features, batch_size, progress)
     by_task: dict[str, dict[str, list[float]]] = {}
     predictions = []
     for record, (a, b) in zip(records, spans):

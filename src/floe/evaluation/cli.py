@@ -15,6 +15,7 @@ from floe.flags import COMMON_FLAGS, FlagTable, add_job_command, job_from_args, 
 from floe.specs import DataSpec, ModelSpec
 
 from .api import EvalConfig
+from .retention import RetentionConfig
 
 
 # Evaluation keeps every example it can: long prompts are cut from the left (never the response),
@@ -40,6 +41,8 @@ class EvalJob:
     on_error defaults to skip and truncate_prompt to true here)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Metrics, split, example cap, decoding length, shots, batch size."""
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    """Multiple-choice tasks outside the training data, scored with the adapter and without it (the base model)."""
     output_dir: str = "runs/eval"
     """Folder that receives eval.json."""
 
@@ -58,6 +61,9 @@ EVAL_FLAGS: FlagTable = {
     "--harness-tasks": ("eval.harness_tasks", dict(type=lambda s: [t.strip() for t in s.split(",") if t.strip()],
                                                    help="lm-evaluation-harness tasks, comma-separated (needs pip install lm-eval)")),
     "--harness-limit": ("eval.harness_limit", dict(type=int, help="examples per harness task")),
+    "--retention": ("retention.tasks", dict(type=lambda s: [t.strip() for t in s.split(",") if t.strip()],
+                                            help="BIG-bench multiple-choice tasks, comma-separated, scored with and "
+                                                 "without the adapter (forgetting; docs/evaluation.md)")),
     "--output": ("output_dir", dict(help="folder for eval.json (default runs/eval)")),
 }
 
@@ -124,12 +130,35 @@ def run_job(job: EvalJob, log=print) -> dict[str, Any]:
     log(f"[floe] model {job.model.name}" + (f" + adapter {job.adapter_dir}" if job.adapter_dir else "")
         + f": loaded in {time.perf_counter() - t0:.1f}s")
     result = evaluate(model, tokenizer, job.data.source, job.eval, data=job.data)
+    if job.retention.enabled:
+        result["retention"] = _retention(model, tokenizer, job, log)
     result["job"] = to_dict(job)
     out = Path(job.output_dir) / "eval.json"
     atomic_write_text(out, json.dumps(result, indent=1, ensure_ascii=False, allow_nan=True) + "\n")
     log(format_summary(result))
     log(f"[floe] wrote {out}")
     return result
+
+
+def _retention(model, tokenizer, job: EvalJob, log) -> dict[str, Any]:
+    """Retention accuracy with the adapter and, under ``adapters_disabled``, of the base model, and their difference."""
+    from floe.adapters.moe_lora import adapters_disabled
+
+    from .retention import check_outside_training, evaluate_retention, retention_delta
+
+    check_outside_training(job.retention, job.data.source)
+    progress = job.eval.progress
+    if not job.adapter_dir:
+        base = evaluate_retention(model, tokenizer, job.retention, progress)
+        log(f"[floe] retention (base model): accuracy {100 * base['accuracy']:.1f}% (chance {100 * base['chance']:.1f}%)")
+        return {"base": base}
+    after = evaluate_retention(model, tokenizer, job.retention, progress)
+    with adapters_disabled(model):
+        base = evaluate_retention(model, tokenizer, job.retention, progress)
+    delta = retention_delta(after, base)
+    log(f"[floe] retention: accuracy {100 * after['accuracy']:.1f}% with the adapter, {100 * base['accuracy']:.1f}% "
+        f"without (change {100 * delta['accuracy']:+.1f} points; chance {100 * base['chance']:.1f}%)")
+    return {"after": after, "base": base, "delta": delta}
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -80,6 +80,9 @@ class VirtualTokens(nn.Module):
     position ids: left-padded rows put their padding between the virtual tokens and the text.
     """
 
+    prompt_cache = False
+    """PEFT prepends the virtual tokens on every call, so a continued key/value cache would hold them twice."""
+
     def __init__(self, peft) -> None:
         super().__init__()
         self.peft = peft
