@@ -109,3 +109,34 @@ def test_a_tiny_grid_resumes_and_a_cell_rerun_reproduces_its_recorded_loss(tmp_p
     assert out["rerun_final_eval_loss"] == row["metrics"]["final_eval_loss"] and out["difference"] == 0.0
     with pytest.raises(InputError, match="no finished cell"):
         rerun_cell(grid, "no-such-cell", log=lambda s: None)
+
+
+def test_recorded_grid_cells_keep_their_fingerprints_when_config_fields_are_added():
+    """Every committed results line still matches the cell its grid builds today: fields added to the run
+    config since (retention, train.keep_best, ...) hold their defaults there and stay out of the fingerprint,
+    so `floe experiment` does not rerun finished cells."""
+    from pathlib import Path
+
+    from floe.pipeline.experiment import cell_fingerprint, cells, finished, load_grid
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("table2", "table3", "equal_time"):
+        grid = load_grid(root / "benchmarks" / "grids" / f"{name}.yaml")
+        recorded = {r["cell"]: r["fingerprint"] for r in finished(root / grid.results_path).values()}
+        built = {cell: cell_fingerprint(cfg) for cell, _, cfg in cells(grid)}
+        assert recorded, name
+        for cell, fp in recorded.items():
+            assert built.get(cell) == fp, f"{name}: {cell}"
+
+
+def test_a_field_added_later_changes_the_fingerprint_only_when_it_is_set():
+    from floe.pipeline import RunConfig
+    from floe.pipeline.experiment import cell_fingerprint
+
+    base = from_dict(RunConfig, {"method": "random"})
+    assert cell_fingerprint(from_dict(RunConfig, {"method": "random", "train": {"keep_best": False}})) == \
+        cell_fingerprint(base)
+    assert cell_fingerprint(from_dict(RunConfig, {"method": "random", "train": {"keep_best": True}})) != \
+        cell_fingerprint(base)
+    assert cell_fingerprint(from_dict(RunConfig, {"method": "random", "retention": {"tasks": ["navigate"]}})) != \
+        cell_fingerprint(base)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from floe.adapters.moe_lora import AdapterSettings
 from floe.errors import InputError
 from floe.evaluation import EvalConfig
+from floe.evaluation.retention import RetentionConfig, check_outside_training
 from floe.selection import SelectionConfig
 from floe.specs import DataSpec, ModelSpec
 from floe.training import TrainConfig
@@ -106,7 +107,10 @@ class RunConfig:
     search: SearchSpec = field(default_factory=SearchSpec)
     """Optional rank/expert search between warm-up and selection (off by default)."""
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(split="test", max_examples=120, max_new_tokens=32))
-    """Evaluation of the trained model on the test split."""
+    """Evaluation of the trained model on the test split (with train.keep_best: of the best adapter too)."""
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    """Multiple-choice tasks outside the training data, scored on the base model and on each trained adapter
+    (the best one with train.keep_best); off while tasks is []."""
     compare: list[str] = field(default_factory=lambda: ["moe_lora"])
     """Methods trained and evaluated beside `method` on the same data, split, steps and seed ([] for none)."""
     output_dir: str = "runs/run"
@@ -129,6 +133,7 @@ class RunConfig:
         for name in ("lisa_interval", "virtual_tokens", "fim_passes"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_outside_training(self.retention, self.data.source)
         if self.search.enabled:  # a bad range, trial count or trial length fails here, before any stage
             from floe.search.objective import eval_schedule
 

@@ -107,9 +107,18 @@ def cells(grid: Grid) -> list[tuple[str, str, RunConfig]]:
     return out
 
 
-# RunConfig fields added after the first results were recorded: left out of a cell's fingerprint
-# while they hold their default, so the recorded cells still match the grid that made them.
-LATER_FIELDS = ("virtual_tokens", "fim_passes", "search")
+# RunConfig fields (dotted paths) added after the first results were recorded: left out of a cell's
+# fingerprint while they hold their default, so the recorded cells still match the grid that made them.
+# A field added to any config section a cell records belongs here.
+LATER_FIELDS = ("virtual_tokens", "fim_passes", "search", "retention", "train.keep_best", "select.config.cost_weight")
+
+
+def _drop_default(tree: dict[str, Any], defaults: dict[str, Any], dotted: str) -> None:
+    *path, leaf = dotted.split(".")
+    for key in path:
+        tree, defaults = tree.get(key, {}), defaults.get(key, {})
+    if leaf in tree and leaf in defaults and tree[leaf] == defaults[leaf]:
+        tree.pop(leaf)
 
 
 def cell_fingerprint(cfg: RunConfig) -> str:
@@ -118,8 +127,7 @@ def cell_fingerprint(cfg: RunConfig) -> str:
         tree.pop(key)
     defaults = to_dict(RunConfig())
     for key in LATER_FIELDS:
-        if tree[key] == defaults[key]:
-            tree.pop(key)
+        _drop_default(tree, defaults, key)
     for key in ("progress_bar", "report_to"):
         tree["train"].pop(key, None)
     tree["eval"].pop("progress", None)
@@ -156,7 +164,9 @@ def result_row(grid: Grid, cell: str, variant: str, cfg: RunConfig, summary: dic
             "metrics": {"final_eval_loss": m["final_eval_loss"], **m["scores"]},
             "eval_losses": m["eval_losses"], "trainable_params": m["trainable_params"],
             "trainable_share": m["trainable_share"], "steps": m["steps"], "train_seconds": m["train_seconds"],
-            "seconds_per_step": m["seconds_per_step"],
+            "seconds_per_step": m["seconds_per_step"], "peak_memory_mb": m.get("peak_memory_mb"),
+            **({"best": m["best"]} if m.get("best") else {}),
+            **({"retention": m["retention"]} if m.get("retention") else {}),
             "stages": {k: {"seconds": v["seconds"], "peak_memory_mb": v["peak_memory_mb"], "cached": v["cached"]}
                        for k, v in stages.items()},
             "cell_seconds": seconds, "config": to_dict(cfg), "versions": {**summary["versions"], "commit": git_commit()},
@@ -201,10 +211,16 @@ def rerun_cell(grid: Grid, cell: str, log=print) -> dict[str, Any]:
            "rerun_final_eval_loss": new["final_eval_loss"],
            "difference": new["final_eval_loss"] - row["metrics"]["final_eval_loss"],
            "recorded_test_loss": row["metrics"].get("test_loss"), "rerun_test_loss": new["scores"].get("test_loss"),
+           **({"recorded_best_eval_loss": row["best"]["eval_loss"], "rerun_best_eval_loss": (new.get("best") or {}).get("eval_loss"),
+               "recorded_best_step": row["best"]["step"], "rerun_best_step": (new.get("best") or {}).get("step")}
+              if row.get("best") else {}),
            "seconds": time.perf_counter() - t0, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _append(grid.results_path.parent / "reruns.jsonl", out)
     log(f"[floe] {cell}: recorded validation loss {out['recorded_final_eval_loss']:.6f}, "
         f"re-run {out['rerun_final_eval_loss']:.6f} (difference {out['difference']:+.2e})")
+    if "recorded_best_eval_loss" in out and out["rerun_best_eval_loss"] is not None:
+        log(f"[floe] {cell}: best validation loss recorded {out['recorded_best_eval_loss']:.6f} at step "
+            f"{out['recorded_best_step']}, re-run {out['rerun_best_eval_loss']:.6f} at step {out['rerun_best_step']}")
     return out
 
 

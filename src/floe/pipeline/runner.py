@@ -240,36 +240,81 @@ class _Run:
         self.search_stage = stage
         self.searched = {"r": int(record["result"]["r"]), "num_experts": int(record["result"]["num_experts"])}
 
-    def evaluate(self, method: str, trained: Stage) -> dict[str, Any]:
+    def trained_model(self, method: str, trained: Stage, which: str = "final"):
+        """The model ``method`` trained, with its final adapter (kept in memory when trained in this process)
+        or its best one (``train.keep_best``: the lowest validation loss), loaded from the stage folder."""
         from floe.adapters.moe_lora.model import _PEFT_ATTR
+        from floe.pipeline.baselines import PEFT_METHODS
+        from floe.training import BEST_DIR
+
+        if which == "final" and method in self.trained:
+            return self.trained[method]
+        folder = trained.dir / (BEST_DIR if which == "best" else "adapter")
+        model = self.base_model()
+        if method == "full":
+            from floe.checkpoints import load_full_weights
+
+            load_full_weights(model, trained.dir / ("model" if which == "final" else BEST_DIR))
+        elif method in PEFT_METHODS:
+            from peft import PeftModel
+
+            model.__dict__[_PEFT_ATTR] = PeftModel.from_pretrained(model, str(folder))
+        else:
+            load_adapter(model, folder)
+        return model
+
+    def evaluate(self, method: str, trained: Stage, which: str = "final") -> dict[str, Any]:
+        """Test-split scores of ``method``'s final (or best) adapter."""
         from floe.evaluation import evaluate
-        from floe.pipeline.baselines import PEFT_METHODS, for_evaluation
+        from floe.pipeline.baselines import for_evaluation
 
         stage = Stage("eval", {"train": trained.fingerprint, "eval": to_dict(self.cfg.eval),
-                               "data": to_dict(self.cfg.data)}, self.root)
+                               "data": to_dict(self.cfg.data), **({"adapter": which} if which != "final" else {})},
+                      self.root)
 
         def work(folder: Path) -> dict[str, Any]:
-            model = self.trained.get(method)
-            if model is None:  # trained in an earlier process: its adapter is in the stage folder
-                model = self.base_model()
-                if method == "full":
-                    from floe.checkpoints import load_full_weights
-
-                    load_full_weights(model, trained.dir / "model")
-                elif method in PEFT_METHODS:
-                    from peft import PeftModel
-
-                    model.__dict__[_PEFT_ATTR] = PeftModel.from_pretrained(model, str(trained.dir / "adapter"))
-                else:
-                    load_adapter(model, trained.dir / "adapter")
+            model = self.trained_model(method, trained, which)
             result = evaluate(for_evaluation(model, method), self.tokenizer, self.cfg.data.source, self.cfg.eval,
                               data=self.cfg.data)
             atomic_write_text(folder / "eval.json", json.dumps(result, indent=2, default=str) + "\n")
             return headline(result)
 
-        record, cached = run_stage(stage, work, self.log, f"{method}/eval")
-        self.record(f"{method}/eval", record, cached)
+        name = f"{method}/eval" + ("" if which == "final" else f"_{which}")
+        record, cached = run_stage(stage, work, self.log, name)
+        self.record(name, record, cached)
         return record["result"]
+
+    def retention_base(self) -> dict[str, Any]:
+        """Retention accuracy of the base model (docs/evaluation.md, "Retention"); one stage per model and tasks."""
+        from floe.evaluation.retention import evaluate_retention
+
+        stage = Stage("retention", {"model": self.common["model"], "retention": to_dict(self.cfg.retention)},
+                      self.root)
+
+        def work(folder: Path) -> dict[str, Any]:
+            return evaluate_retention(self.base_model(), self.tokenizer, self.cfg.retention)
+
+        record, cached = run_stage(stage, work, self.log, "base/retention")
+        self.record("base/retention", record, cached)
+        return record["result"]
+
+    def retention(self, method: str, trained: Stage, which: str) -> dict[str, Any]:
+        """Retention accuracy of ``method``'s adapter and its change against the base model."""
+        from floe.evaluation.retention import evaluate_retention, retention_delta
+        from floe.pipeline.baselines import for_evaluation
+
+        base = self.retention_base()
+        stage = Stage("retention", {"train": trained.fingerprint, "adapter": which,
+                                    "retention": to_dict(self.cfg.retention)}, self.root)
+
+        def work(folder: Path) -> dict[str, Any]:
+            model = self.trained_model(method, trained, which)
+            return evaluate_retention(for_evaluation(model, method), self.tokenizer, self.cfg.retention)
+
+        record, cached = run_stage(stage, work, self.log, f"{method}/retention")
+        self.record(f"{method}/retention", record, cached)
+        after = record["result"]
+        return {"adapter": which, "base": base, "after": after, "delta": retention_delta(after, base)}
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -292,13 +337,19 @@ def run(config: RunConfig, log: Log = print) -> dict[str, Any]:
         trained = r.train(method, layers)
         scores = r.evaluate(method, trained)
         t = r.stages[f"{method}/train"]["result"]
+        best = None
+        if t["train"].get("best_step") is not None:  # train.keep_best: the lowest-validation-loss adapter too
+            best = {"step": t["train"]["best_step"], "eval_loss": t["train"]["best_eval_loss"],
+                    "scores": r.evaluate(method, trained, "best")}
+        retention = r.retention(method, trained, "best" if best else "final") if config.retention.enabled else None
         methods[method] = {"layers": layers, "trainable_params": t["trainable_params"],
                            "total_params": t["total_params"],
                            "trainable_share": t["trainable_params"] / t["total_params"],
                            "final_eval_loss": t["train"]["final_eval_loss"],
                            "eval_losses": t["train"]["eval_losses"], "train_seconds": t["train"]["train_seconds"],
                            "seconds_per_step": t["train"]["seconds_per_step"], "steps": t["train"]["steps"],
-                           "scores": scores}
+                           "peak_memory_mb": r.stages[f"{method}/train"]["peak_memory_mb"],
+                           "scores": scores, "best": best, "retention": retention}
     summary = {"config": to_dict(config), "fingerprint": fingerprint(to_dict(config)), "method": config.method,
                "methods": methods, "stages": r.stages, "num_layers": r.num_layers, "versions": package_versions()}
     atomic_write_text(Path(config.output_dir) / "run.json", json.dumps(summary, indent=2, default=str) + "\n")
