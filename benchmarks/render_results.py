@@ -2,7 +2,8 @@
 
     python benchmarks/render_results.py          # re-renders docs/results.md and docs/figures/results_*.png
 
-Reads benchmarks/results/table2.jsonl and table3.jsonl (the `floe experiment` grids),
+Reads benchmarks/results/table2.jsonl, table3.jsonl and long.jsonl (the `floe experiment` grids; the long
+grid's section is render_long.py),
 equal_time.jsonl (FLoE at full-layer training time over seeds), reruns.jsonl (`floe experiment GRID
 --rerun CELL`), pipeline_cost*.json (one per seed) and inference_latency.json (the two benchmarks of that
 name) — whatever of them exists — and writes every table and figure
@@ -24,6 +25,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from floe.pipeline.experiment import PAIRED, cells, finished, load_grid, summarise, t_interval
+
+import sys  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # render_long beside this file, however it is loaded
+import render_long  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_LAYER = ("moe_lora", "lora")
@@ -444,6 +450,8 @@ def render(out: Path) -> Path:
                   ""]
         lines += _cost_over_seeds(group, f" --set {settings}" if settings else "")
     lines += _equal_time(t2, eq, n_eq, selection_variant("equal_time"))
+    long_rows, n_long = _rows("long")
+    lines += render_long.section(long_rows, n_long, figs)
     lines += ["## Table 4 analogue: inference latency", "",
               "Reproduce on a quiet machine: `python benchmarks/inference_latency.py`.", ""]
     lat = res / "inference_latency.json"

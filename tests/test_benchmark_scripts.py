@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from floe.pipeline.experiment import t_interval
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -186,3 +188,35 @@ def test_cost_results_are_averaged_only_over_runs_of_the_same_settings():
     assert sorted(groups) == ["", "select.config.mask_rule=fisher_top"]
     assert [r["settings"]["seed"] for r in groups[""]] == [1, 2, 3]
     assert len(groups["select.config.mask_rule=fisher_top"]) == 1
+
+
+def _long_row(variant: str, seed: int, curve: dict[int, float], best: int, delta: float) -> dict:
+    scores = {"test_loss": curve[best] + 0.3, "rouge_l": 0.2 + 0.01 * seed}
+    return {"variant": variant, "seed": seed, "eval_losses": sorted(curve.items()),
+            "metrics": {"final_eval_loss": curve[max(curve)], **scores}, "best": {"step": best, "eval_loss": curve[best],
+                                                                              "scores": scores},
+            "retention": {"base": {"accuracy": 0.5, "per_task": {"t": {"accuracy": 0.5, "chance": 0.25, "examples": 100}}},
+                          "delta": {"accuracy": delta, "per_task": {"t": delta}}},
+            "steps": max(curve), "seconds_per_step": 1.0, "train_seconds": 10.0 * seed, "peak_memory_mb": 100.0,
+            "stages": {"warmup": {"seconds": 2.0, "cached": False}} if variant == "floe" else {}}
+
+
+def test_long_grid_section_pairs_by_seed_at_each_step_and_at_the_best_checkpoint(tmp_path):
+    long = _script("render_long")
+    rows = []
+    for seed in (1, 2, 3):
+        rows.append(_long_row("random", seed, {40: 2.5, 100: 2.3, 500: 2.1}, 500, -0.01))
+        rows.append(_long_row("floe", seed, {40: 2.6 + 0.01 * seed, 100: 2.35, 500: 2.0}, 500, -0.02 * seed))
+    g = long._by_variant(rows)
+    d40 = long.paired(g, "floe", "random", lambda r: long.loss_at(r, 40))
+    assert d40 == pytest.approx([0.11, 0.12, 0.13])
+    assert long.paired(g, "floe", "random", lambda r: long.loss_at(r, "best")) == pytest.approx([-0.1] * 3)
+    assert long.loss_at(rows[0], 200) is None  # not on the curve: left out, not guessed
+    text = "\n".join(long.section(rows, 18, tmp_path))
+    assert "Progress: 6 of 18 cells." in text
+    mean, lo, hi = t_interval([0.11, 0.12, 0.13])
+    assert f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}] (n=3)" in text
+    assert (tmp_path / "results_long_gap.png").is_file() and (tmp_path / "results_long_forgetting.png").is_file()
+    # retention: macro delta in points, paired against random: floe −2, −4, −6 against −1 → −1, −3, −5
+    m, lo, hi = t_interval([-1.0, -3.0, -5.0])
+    assert f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}] (n=3)" in text
