@@ -45,6 +45,12 @@ DECISION_RULE = [
      "lower pooled mean wins. Options that chose the same layers as the default keep the paper's option."),
     ("- `scorer` stays `floe`, the method this library implements; where an ablation scorer does better, the "
      "README says so and how to switch (`select.config.scorer`)."),
+    ("- `scorer`, the selectors from published anchors (`lora_drop`, `ablation`, `ablation_greedy`, `spectrum`, "
+     "`cka`, `alpha`; added to the rule on 2026-12-03, before any of their cells ran): one becomes the default "
+     "selector only if its validation loss against `random`, paired by seed and pooled over both data sets, has "
+     "a 95 % interval below 0, and on neither data set is it shown worse than `random` on test loss (interval "
+     "above 0) or ROUGE-L (interval below 0). Of several, the lower pooled mean wins. The goal reported against: "
+     "beat random-8 by at least half of the random-8 → all-30 gap on the mixture (≥ 0.10 nats of validation loss)."),
     ("- `k`: the smallest of 4, 8 and 16 at which FLoE's validation loss is not shown worse than full-layer "
      "MoE-LoRA's (Table 3, paired by seed); if none is, k stays 8 (the paper's quarter of the layers) and "
      "Table 3 gives the loss paid at each k."),
@@ -246,6 +252,44 @@ def decide_settings(rows: list[dict[str, Any]], seeds: int = 3) -> dict[str, tup
     return out
 
 
+ANCHOR_SCORERS = ("lora_drop", "ablation", "ablation_greedy", "spectrum", "cka", "alpha")
+GOAL_NATS = 0.10
+"""Half the random-8 → all-30 validation-loss gap on the mixture at 40 steps (0.20 nats)."""
+
+
+def decide_scorer(rows: list[dict[str, Any]], seeds: int = 3) -> tuple[str, str]:
+    """DECISION_RULE's anchor-scorer bullet applied to Table 2 rows: (scorer, why)."""
+    datas = sorted({r["data"] for r in rows})
+    have = defaultdict(set)
+    for r in rows:
+        if r["k"] == 8:
+            have[(r["variant"], r["data"])].add(r["seed"])
+    variants = {f"scorer_{s}": s for s in ANCHOR_SCORERS}
+    ready = [v for v in variants if len(datas) >= 2 and all(len(have[(v, d)]) >= seeds for d in datas)]
+    if not ready:
+        return "floe (pending)", "no anchor scorer has every seed on both data sets yet"
+    pooled = {v: (mean, lo, hi) for v, mean, lo, hi, n in _paired(rows, None, 8, "final_eval_loss", "random")}
+    mixture = {v: mean for v, mean, lo, hi, n in _paired(rows, "bigbench:natural_instructions", 8,
+                                                        "final_eval_loss", "random")}
+    worse = {(d, m): {v for v, mean, lo, hi, n in _paired(rows, d, 8, m, "random")
+                      if n > 1 and ((lo > 0) if m != "rouge_l" else (hi < 0))}
+             for d in datas for m in ("test_loss", "rouge_l")}
+    passing, why = [], []
+    for v in ready:
+        mean, lo, hi = pooled[v]
+        bad = [f"{m} on {d.split(':')[-1]}" for (d, m), vs in worse.items() if v in vs]
+        if hi < 0 and not bad:
+            passing.append((mean, variants[v]))
+        goal = "meets" if -mixture.get(v, 0.0) >= GOAL_NATS else "misses"
+        why.append(f"{variants[v]}: pooled Δ validation loss vs random {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                   + (f", worse in {', '.join(bad)}" if bad else "")
+                   + f"; mixture Δ {mixture.get(v, float('nan')):+.3f} ({goal} the −{GOAL_NATS:.2f} goal)")
+    pending = [variants[v] for v in variants if v not in ready]
+    if pending:
+        why.append(f"pending: {', '.join(pending)}")
+    return (min(passing)[1] if passing else "floe"), "; ".join(why)
+
+
 def _by_variant_and_k(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[tuple[str, int], dict[str, Any]]]]:
     """variant -> k -> (data, seed) -> metrics."""
     by: dict[str, dict[int, dict[tuple[str, int], dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
@@ -407,6 +451,8 @@ def render(out: Path) -> Path:
     decided = decide_settings(t2)
     for setting, (choice, why) in decided.items():
         lines.append(f"| `{setting}` | {PAPER_OPTIONS[setting]} | **{choice}** | {why} |")
+    scorer_choice, scorer_why = decide_scorer(t2)
+    lines.append(f"| `scorer` (anchors) | floe | **{scorer_choice}** | {scorer_why} |")
     k_choice, k_why = decide_k(k_rows, variant=k_variant)
     lines.append(f"| `k` | 8 | **{k_choice}** | {k_why} |")
     lines += ["", "## Table 2 analogue: layer-selection policy at k = 8 of 30", "",

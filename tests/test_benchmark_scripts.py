@@ -220,3 +220,22 @@ def test_long_grid_section_pairs_by_seed_at_each_step_and_at_the_best_checkpoint
     # retention: macro delta in points, paired against random: floe −2, −4, −6 against −1 → −1, −3, −5
     m, lo, hi = t_interval([-1.0, -3.0, -5.0])
     assert f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}] (n=3)" in text
+
+
+def test_anchor_scorer_rule_picks_a_scorer_only_when_it_beats_random_and_is_worse_nowhere():
+    render = _script("render_results")
+
+    def row(variant, data, seed, loss, test=2.0, rouge=0.2):
+        return {"variant": variant, "data": data, "seed": seed, "k": 8,
+                "metrics": {"final_eval_loss": loss, "test_loss": test, "rouge_l": rouge}}
+
+    datas = ("bigbench:natural_instructions", "bigbench:other")
+    rows = [row("random", d, s, 2.0 + 0.01 * s) for d in datas for s in (1, 2, 3)]
+    assert render.decide_scorer(rows)[0] == "floe (pending)"
+    better = rows + [row("scorer_cka", d, s, 1.85 + 0.012 * s) for d in datas for s in (1, 2, 3)]
+    choice, why = render.decide_scorer(better)
+    assert choice == "cka" and "meets the −0.10 goal" in why and "pending: lora_drop" in why
+    # the same loss, but worse on test loss on one data set: stays floe
+    worse = rows + [row("scorer_cka", d, s, 1.85 + 0.012 * s, test=2.1 + 0.01 * s if d == datas[1] else 2.0)
+                    for d in datas for s in (1, 2, 3)]
+    assert render.decide_scorer(worse)[0] == "floe"
