@@ -10,7 +10,8 @@ the block option), :mod:`.tuning` with :mod:`.lstsq` and :mod:`.replay` (least-s
 :mod:`.layer_score` (the per-layer score, ranking, top-k), :mod:`.stages` (those stages in
 order), :mod:`.api` (``select_layers``). Beside them: :mod:`.config` (configuration, result,
 JSON), :mod:`.inputs`, :mod:`.fingerprints`, :mod:`.scorer_table` (scorer name → function),
-:mod:`.ablation_scorers`, :mod:`.stability` (Fig. 7), :mod:`.plots` (Fig. 3/10), :mod:`.cli`.
+:mod:`.ablation_scorers`, :mod:`.anchor_scorers` and :mod:`.spectral_scorers` (scorers from published
+anchors), :mod:`.stability` (Fig. 7), :mod:`.plots` (Fig. 3/10), :mod:`.cli`.
 """
 from floe.selection.api import select_layers
 from floe.selection.config import Selection, SelectionConfig

@@ -3,9 +3,9 @@
 Taylor cost on the base model (Eq. 4) → Fisher on the adapted model (Eq. 8, per example) →
 mask search (Alg. 1, then the budget repair with per-unit costs) → refinement (Alg. 2) →
 tuning (least squares) → per-layer score → ranking → top-k. The stages after the gradients are
-:func:`.stages.run_stages`; the ``scorer`` option swaps them for one of the ablation scorers
-(:mod:`.scorer_table`). One model object can play both roles: the base model is the adapted one
-under :func:`floe.adapters.adapters_disabled`.
+:func:`.stages.run_stages`; the ``scorer`` option swaps them for an ablation scorer or one from a
+published anchor (:mod:`.scorer_table`). One model object can play both roles: the base model is
+the adapted one under :func:`floe.adapters.adapters_disabled`.
 """
 from __future__ import annotations
 
@@ -13,16 +13,18 @@ import os
 import time
 from typing import Any, Iterable
 
+import torch
 import torch.nn as nn
 
 from floe.adapters import adapters_disabled
 from floe.distributed import rank_and_world
 from floe.selection.ablation_scorers import adapter_gradient_stats
+from floe.selection.anchor_scorers import linear_cka, lora_output_rows
 from floe.selection.config import Selection, SelectionConfig, jsonable
 from floe.selection.fingerprints import input_fingerprints
 from floe.selection.importance import mask_gradients
 from floe.selection.inputs import check_config, check_top_k, resolve_models, split_heldout
-from floe.selection.layer_score import fisher_share, rank_layers, top_k
+from floe.selection.layer_score import cost_adjusted_scores, fisher_share, rank_layers, top_k
 from floe.selection.masks import unit_geometry
 from floe.selection.scorer_table import SCORERS, Evidence
 from floe.selection.stability import stability_analysis
@@ -68,8 +70,11 @@ def select_layers(model: nn.Module, adapted: nn.Module | str | os.PathLike | Non
     timings.update(scored.timings)
     timings["scorer"] = time.perf_counter() - t
     diagnostics.update(scored.diagnostics)
-    # ranking by descending score, then the top-k layers
-    ranking = rank_layers(scored.scores)
+    # ranking by descending score (with cost_weight > 0: by the depth-adjusted score), then the top-k layers
+    ranking, adjusted = _ranking(scored.scores, cfg)
+    if adjusted is not None:
+        diagnostics["cost_aware"] = {"cost_weight": cfg.cost_weight, "adjusted_scores": adjusted.tolist(),
+                                     "ranking_by_score": rank_layers(scored.scores)}
     chosen = top_k(ranking, cfg.top_k, geo.num_layers)
 
     stability = None
@@ -91,12 +96,20 @@ def select_layers(model: nn.Module, adapted: nn.Module | str | os.PathLike | Non
         config=cfg.to_dict(), stability=stability, masks=scored.masks, **fields)
 
 
+def _ranking(scores: torch.Tensor, cfg: SelectionConfig) -> tuple[list[int], torch.Tensor | None]:
+    """The ranking by the scores, or by :func:`.layer_score.cost_adjusted_scores` when ``cost_weight > 0``."""
+    if cfg.cost_weight == 0:
+        return rank_layers(scores), None
+    adjusted = cost_adjusted_scores(scores, cfg.cost_weight)
+    return rank_layers(adjusted), adjusted
+
+
 def _evidence(base: nn.Module, adapted: nn.Module, batches: list[dict], held: list[dict], cfg: SelectionConfig,
               num_layers: int, timings: dict[str, float], diagnostics: dict[str, Any]) -> Evidence:
     """The gradient passes the configured scorer needs, each timed; their mean losses go to
     ``diagnostics["losses"]``."""
     needs = SCORERS[cfg.scorer].needs
-    evidence = Evidence(cfg, adapted, batches, num_layers)
+    evidence = Evidence(cfg, adapted, batches, num_layers, base=base, heldout=held)
     losses: dict[str, float] = {}
     if "taylor" in needs:  # Eq. 4 (or |dL/dm| with taylor: mask) on the base model: adapters off
         t = time.perf_counter()
@@ -120,6 +133,15 @@ def _evidence(base: nn.Module, adapted: nn.Module, batches: list[dict], held: li
         t = time.perf_counter()
         evidence.adapter = adapter_gradient_stats(adapted, batches, progress=progress(cfg, "adapter gradients"))
         timings["adapter_gradients"] = time.perf_counter() - t
+    if "adapter_outputs" in needs:  # lora_drop: ||Δ(x)||² of the warm-up adapter, by forward hooks
+        t = time.perf_counter()
+        evidence.adapter_outputs = lora_output_rows(adapted, batches, progress=progress(cfg, "adapter outputs"))
+        timings["adapter_outputs"] = time.perf_counter() - t
+    if "hidden" in needs:  # cka: decoder-layer inputs and outputs of the base model
+        t = time.perf_counter()
+        with adapters_disabled(base):
+            evidence.cka = linear_cka(base, batches, progress=progress(cfg, "hidden states (base)"))
+        timings["hidden_states"] = time.perf_counter() - t
     if "loss_check" in needs and cfg.loss_check:  # the unmasked losses the stage reports compare with
         evidence.measure = Measure.unmasked(adapted, batches, held, evidence.fisher)
         if evidence.measure.base_heldout is not None:
@@ -137,7 +159,7 @@ def _stability(evidence: Evidence, ranking: list[int], k: int) -> dict[str, Any]
     def rank_fn(index: list[int]) -> list[int]:
         if list(index) == list(range(n)):
             return list(ranking)
-        return rank_layers(score(evidence.subset(index)).scores)
+        return _ranking(score(evidence.subset(index)).scores, evidence.cfg)[0]
 
     cfg = evidence.cfg
     return stability_analysis(rank_fn, n, cfg.stability_fractions, cfg.seed, top_k=k).to_dict()

@@ -64,7 +64,8 @@ SELECT_FLAGS: FlagTable = {
     "--budget": ("selection.budget", dict(help="Taylor budget gamma in (0, 1)")),
     "--top-k": ("selection.top_k", dict(type=_top_k, help="layers to choose: a count (8) or a fraction (0.25)")),
     "--mask-rule": ("selection.mask_rule", dict(help="fisher_top (default) | paper | kwon")),
-    "--scorer": ("selection.scorer", dict(help="floe | fisher | taylor | grad_norm | random | fim_variance")),
+    "--scorer": ("selection.scorer", dict(help="floe | fisher | taylor | grad_norm | random | fim_variance | "
+                                                "lora_drop | ablation | ablation_greedy | spectrum | cka | alpha")),
     "--refine": ("selection.refine", dict(help="paper (Alg. 2, default) | block | none")),
     "--refine-iters": ("selection.refine_iters", dict(type=int, help="cap on refinement swaps (default: none)")),
     "--refine-candidates": ("selection.refine_candidates", dict(type=int, help="refine block: K candidates per type and step")),

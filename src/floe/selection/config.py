@@ -39,7 +39,10 @@ class SelectionConfig:
     """Reading of Alg. 1: fisher_top (mask the largest Fisher; the default, chosen by docs/results.md's rule),
     paper (mask the smallest, the paper's wording), kwon (keep the largest)."""
     scorer: str = "floe"
-    """floe (full pipeline) or an ablation scorer: fisher, taylor, grad_norm, random, fim_variance."""
+    """floe (full pipeline), an ablation scorer (fisher, taylor, grad_norm, random, fim_variance) or one from a
+    published anchor (lora_drop, ablation, ablation_greedy, spectrum, cka, alpha; docs/selection.md)."""
+    cost_weight: float = 0.0
+    """Trade the score against backward-pass depth: rank by rank-normalised score − cost_weight·(L−l)/L (0: off)."""
     refine: str = "paper"
     """Refinement: paper (Alg. 2: within-layer head-neuron swaps, diagonal Fisher), block (block-correlated J), none."""
     refine_iters: int | None = None
@@ -85,6 +88,9 @@ class SelectionConfig:
             problems.append(f"mask_rule must be one of {list(RULES)}, got {self.mask_rule!r}")
         if self.scorer not in SCORERS:
             problems.append(f"scorer must be one of {list(SCORERS)}, got {self.scorer!r}")
+        if isinstance(self.cost_weight, bool) or not isinstance(self.cost_weight, (int, float)) \
+                or not math.isfinite(self.cost_weight) or self.cost_weight < 0:
+            problems.append(f"cost_weight must be a number >= 0 (0: off), got {self.cost_weight!r}")
         if isinstance(self.refine, bool):  # older configs: refine: true / false
             self.refine = "paper" if self.refine else "none"
         if self.refine not in REFINE_METHODS:
@@ -144,6 +150,7 @@ class Selection:
     """Per stage: determination, refinement, tuning (per sublayer), losses, data."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per stage: taylor (Eq. 4), fisher (Eq. 8), adapter_gradients (grad_norm, fim_variance),
+    adapter_outputs (lora_drop), hidden_states (cka), ablation, ablation_greedy, spectrum, alpha,
     mask_search (Alg. 1 and the budget repair), refinement (Alg. 2), tuning, scorer (all of the
     scorer's stages), stability, total."""
     fingerprints: dict[str, Any] = field(default_factory=dict)

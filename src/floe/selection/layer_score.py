@@ -4,7 +4,9 @@
 for neurons (the mean Taylor costs Alg. 1 prices units at), ``m~`` the tuned mask value of a
 kept unit (1 when untuned) and 0 for a masked unit. A densely masked layer scores high: the
 paper reads it as one whose pre-trained weights the adapter must stand in for (Fig. 2). The
-scores of the ablation scorers are in :mod:`.ablation_scorers`.
+scores of the ablation scorers are in :mod:`.ablation_scorers`, those from published anchors in
+:mod:`.anchor_scorers` and :mod:`.spectral_scorers`; :func:`cost_adjusted_scores` trades any
+score against the backward pass's depth (``cost_weight``).
 """
 from __future__ import annotations
 
@@ -111,3 +113,25 @@ def fisher_share(fisher_head: torch.Tensor, fisher_neuron: torch.Tensor) -> torc
         raise ValueError(f"total Fisher is {total}; a share needs a positive finite total "
                          "(are the mask gradients all zero?)")
     return (per_layer / total).to(torch.float32)
+
+
+def cost_adjusted_scores(scores: torch.Tensor, cost_weight: float) -> torch.Tensor:
+    """Scores traded against backward-pass depth (``SelectionConfig.cost_weight``), ``(L,)`` float64::
+
+        ŝ_l = (rank(s)_l − 1) / (L − 1) − w · (L − l) / L
+
+    ``rank(s)_l`` is 1 for the lowest score and L for the highest (ties share their mean rank), so
+    the first term is the score rank-normalised to [0, 1]; adapting layer l (0-based) makes the
+    backward pass run through the L − l layers from l up, so low layers pay the most. ``w = 0``
+    ranks exactly as ``s``; a large ``w`` ranks the top layers first.
+    """
+    if isinstance(cost_weight, bool) or not isinstance(cost_weight, numbers.Real) \
+            or not math.isfinite(cost_weight) or cost_weight < 0:
+        raise ValueError(f"cost_weight must be a finite number >= 0, got {cost_weight!r}")
+    from scipy import stats
+
+    n = scores.numel()
+    ranks = torch.as_tensor(stats.rankdata(scores.double().numpy(), method="average"), dtype=torch.float64)
+    normalised = (ranks - 1) / (n - 1) if n > 1 else torch.ones(n, dtype=torch.float64)
+    depth = (n - torch.arange(n, dtype=torch.float64)) / n
+    return normalised - cost_weight * depth
