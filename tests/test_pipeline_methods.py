@@ -178,3 +178,22 @@ def test_full_fine_tuning_killed_mid_run_resumes_to_the_uninterrupted_weights(tm
         m = tiny_model("llama")
         apply_moe_lora(m, MoELoraConfig(r=2, num_experts=2))
         train(m, make_tokenizer(), data, None, cfg("bad"), full=True)
+
+
+def test_the_warmup_is_keyed_on_the_searched_rank_and_experts_it_trains_with(tmp_path):
+    """Bug: the warm-up trained with the searched (r, M) but was cached under the config's, so a run with the
+    search off and then on reused a warm-up trained with other r and M."""
+    import json
+
+    common = {"method": "floe", "compare": [], "stage_root": str(tmp_path / "stages")}
+    off = run(_config(tmp_path, **common), log=lambda s: None)
+    over = {**common, "search.enabled": True, "search.n_trials": 1, "search.steps": 2, "search.eval_points": 1,
+            "search.r_min": 4, "search.r_max": 4, "search.r_step": 2, "search.experts": [1], "output_dir": str(tmp_path / "on")}
+    log: list[str] = []
+    on = run(_config(tmp_path, **over), log=log.append)
+    assert [ln for ln in log if "warmup: running in" in ln], "the warm-up with the searched r and M was not trained"
+    w_off, w_on = off["stages"]["warmup"]["dir"], on["stages"]["warmup"]["dir"]
+    assert w_off != w_on
+    trained = json.loads((Path(w_on) / "adapter" / "adapter_config.json").read_text())
+    assert (trained["r"], trained.get("num_experts", 1)) == (4, 1)  # M = 1 is saved as plain PEFT LoRA
+    assert json.loads((Path(w_off) / "adapter" / "adapter_config.json").read_text())["r"] == 2

@@ -70,6 +70,13 @@ class _Run:
         adapter = dataclasses.replace(self.adapter, layers=layers)
         apply_moe_lora(model, adapter, seed=self.cfg.seed)
 
+    def searched_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """A training stage's cache key with the r and M it trains with: the searched pair replaces the config's
+        (and the search stage is named), so a run with the search on never reuses one trained without it."""
+        if not self.searched:
+            return inputs
+        return {**inputs, "adapter": {**inputs["adapter"], **self.searched}, "search": self.search_stage.fingerprint}
+
     def total_steps(self) -> int:
         """Optimizer steps of the final training (AdaLoRA's schedule needs them up front)."""
         t = self.cfg.train
@@ -88,7 +95,7 @@ class _Run:
         from floe.specs import load_splits
         from floe.training import train
 
-        stage = Stage("warmup", {**self.common, "warmup": to_dict(self.cfg.warmup)}, self.root)
+        stage = Stage("warmup", self.searched_inputs({**self.common, "warmup": to_dict(self.cfg.warmup)}), self.root)
 
         def work(folder: Path) -> dict[str, Any]:
             data = dataclasses.replace(self.cfg.data, fraction=self.cfg.warmup.fraction)
@@ -152,10 +159,7 @@ class _Run:
         allocation = self.allocate() if method == "fim_lora" else None
         if allocation is not None:
             inputs["allocation"] = allocation.fingerprint
-        if self.searched:  # the searched r and M replace the config's (recorded so the cache tells them apart)
-            inputs["adapter"] = {**inputs["adapter"], **self.searched}
-            inputs["search"] = self.search_stage.fingerprint
-        stage = Stage("train", inputs, self.root)
+        stage = Stage("train", self.searched_inputs(inputs), self.root)
 
         def work(folder: Path) -> dict[str, Any]:
             model = self.base_model()
