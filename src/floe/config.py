@@ -6,6 +6,7 @@ one-line docstring (the string literal under it, shown by ``floe <cmd> --print-c
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -42,7 +43,8 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-# Common names from other tools (PEFT, HF TrainingArguments) → ours.
+# Names users bring from other tools (PEFT, Hugging Face TrainingArguments) and from floe's flags → our keys.
+# Only for the did-you-mean of an unknown key: a config must use our key itself.
 ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "experts": "num_experts",
            "lr": "learning_rate", "steps": "max_steps", "epochs": "num_epochs", "num_train_epochs": "num_epochs",
            "per_device_train_batch_size": "batch_size", "bsz": "batch_size", "model_name": "name",
@@ -57,7 +59,8 @@ def _suggest(name: str, known: list[str]) -> str:
     return f" (did you mean '{guess}'?)" if guess else ""
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def _coerce(value: Any, tp: Any, where: str, default: Any = None) -> Any:
+    """``value`` as type ``tp``; ``default`` is the field's default, the start of a nested section."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -70,14 +73,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, where)
+                return _coerce(value, a, where, default)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {type(value).__name__} {value!r}")
-        return from_dict(tp, value, where)
+        return from_dict(tp, value, where, default if isinstance(default, tp) else None)
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -114,16 +117,43 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping; unknown keys get a did-you-mean error."""
+def _field_default(f: dataclasses.Field) -> Any:
+    """A field's default value (a fresh one from its ``default_factory``), or ``MISSING``."""
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return f.default
+
+
+def _declared(default: Any, fields: dict[str, dataclasses.Field]) -> dict[str, Any]:
+    """The values of ``default`` (a section as its parent declares it) that differ from the class defaults."""
+    out = {}
+    for name, f in fields.items():
+        value = getattr(default, name)
+        if value != _field_default(f):
+            out[name] = copy.deepcopy(value)
+    return out
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "", default: T | None = None) -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys get a did-you-mean error.
+
+    A nested section starts from the default its parent declares for it, the given keys on top
+    (``RunConfig.eval`` is ``EvalConfig(split="test", max_examples=120, max_new_tokens=32)``: giving
+    ``eval.max_examples`` keeps ``max_new_tokens`` 32); ``default`` is that declared instance. Every
+    ``__post_init__`` check runs on the result."""
     data = data or {}
     hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
-        if key not in known:
-            raise ConfigError(f"unknown config key '{where + '.' if where else ''}{key}'{_suggest(key, known)}; "
-                              f"valid keys{' in ' + where if where else ''}: {', '.join(known)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in data.items()}
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{where + '.' if where else ''}{key}'{_suggest(key, list(fields))}; "
+                              f"valid keys{' in ' + where if where else ''}: {', '.join(fields)}")
+    kwargs = _declared(default, fields) if default is not None else {}
+    for k, v in data.items():
+        start = None
+        if isinstance(v, dict):  # a section: it starts from this field's default
+            start = getattr(default, k) if default is not None else _field_default(fields[k])
+        kwargs[k] = _coerce(v, hints[k], f"{where + '.' if where else ''}{k}", start)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -171,8 +201,8 @@ def describe(cls_or_job: Any, prefix: str = "") -> list[str]:
         if is_job:
             value = getattr(cls_or_job, f.name)
         else:
-            value = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+            value = _field_default(f)
+            value = None if value is dataclasses.MISSING else value
         if dataclasses.is_dataclass(value):
             lines.append(f"{prefix}{f.name}:")
             lines += describe(value if is_job else type(value), prefix + "  ")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from floe.flags import COMMON_FLAGS, FlagTable, add_job_command, job_from_args, parse_set
+from floe.flags import COMMON_FLAGS, FlagTable, add_job_command, job_from_args
 from floe.specs import DataSpec, ModelSpec
 
 from .api import EvalConfig
@@ -84,27 +84,12 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 def job_from(args: argparse.Namespace) -> EvalJob:
     # a floe train config file works as is: its adapter and train sections are not ours
     job = job_from_args(EvalJob, args, EVAL_FLAGS, other_commands_sections=("adapter", "train", "export_peft"))
-    given = _data_keys_given(args)
-    for key, value in EVAL_DATA_DEFAULTS.items():
-        if key not in given:
-            setattr(job.data, key, value)
     if getattr(args, "no_progress", False):
         job.eval.progress = False
     if getattr(args, "no_predictions", False):
         job.eval.save_predictions = False
     job.eval.check()
     return job
-
-
-def _data_keys_given(args: argparse.Namespace) -> set[str]:
-    """``data.*`` keys the user set in the config file or with --set."""
-    from floe.config import load_yaml
-
-    keys: set[str] = set()
-    for tree in ((load_yaml(args.config) if getattr(args, "config", None) else {}), parse_set(getattr(args, "set", []))):
-        if isinstance(tree.get("data"), dict):
-            keys.update(tree["data"])
-    return keys
 
 
 def run_job(job: EvalJob, log=print) -> dict[str, Any]:
