@@ -30,8 +30,8 @@ from floe.adapters.moe_lora import (
     moe_lora_modules,
     router_aux_loss,
     save_adapter,
-    trainable_parameter_count,
 )
+from floe.arch import trainable_parameter_count
 
 ADAPTER_PARTS = ("lora_A", "lora_B", "lora_router")
 

@@ -15,7 +15,7 @@ import peft
 import pytest
 import torch
 import torch.nn as nn
-from conftest import tiny_model
+from conftest import make_tokenizer, tiny_model
 from safetensors.torch import save_file
 
 import floe
@@ -208,3 +208,66 @@ def test_saved_adapter_names_the_base_model_the_user_asked_for_not_the_loaded_fo
     floe.apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2))
     floe.save_adapter(model, tmp_path / "own")
     assert json.loads((tmp_path / "own" / "adapter_config.json").read_text())["base_model_name_or_path"] == "owner/model"
+
+
+NO_FOLDER = "no-such-model"  # a base model name that is no local folder and no hub id, as a built-in name is
+
+
+def _saving_warnings(save) -> list[str]:
+    """Warnings and log records (WARNING and up) that ``save()`` emits."""
+    import logging
+    import warnings
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            save()
+    finally:
+        root.removeHandler(handler)
+    return [str(w.message) for w in caught] + [r.getMessage() for r in records]
+
+
+def test_saving_and_loading_an_adapter_whose_base_name_is_no_folder_warns_nothing(tmp_path):
+    # PEFT looks base_model_name_or_path up on save to see whether the vocabulary was resized, and
+    # warns "Could not find a config file in <name>" when it is not a folder; MoE-LoRA never trains
+    # embeddings, so FLoE's saves skip that look-up
+    from floe.adapters.naming import attach
+
+    model = tiny_model()
+    floe.apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, base_model_name_or_path=NO_FOLDER), seed=0)
+    lora = attach(tiny_model(), peft.LoraConfig(r=2, target_modules=["q_proj"], base_model_name_or_path=NO_FOLDER))
+
+    def save_and_load():
+        floe.save_adapter(model, tmp_path / "moe")  # floe train's final adapter
+        floe.peft_model(model).save_pretrained(str(tmp_path / "checkpoint"))  # what the Trainer's checkpoints call
+        lora.save_pretrained(str(tmp_path / "lora"))  # a PEFT baseline of floe run
+        load_adapter(tiny_model(), tmp_path / "moe")
+
+    assert _saving_warnings(save_and_load) == []
+    for folder in ("moe", "checkpoint", "lora"):
+        saved = json.loads((tmp_path / folder / "adapter_config.json").read_text())
+        assert saved["base_model_name_or_path"] == NO_FOLDER
+    assert not list((tmp_path / "moe").glob("*embed*")) and "embed" not in " ".join(
+        peft.utils.load_peft_weights(str(tmp_path / "checkpoint")))
+
+
+def test_a_training_run_on_a_model_named_by_no_folder_saves_without_the_vocabulary_warning(tmp_path):
+    from train_helpers import tokenized
+
+    model = tiny_model()
+    model.config._name_or_path = NO_FOLDER
+    floe.apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, target_modules=["up_proj"]), seed=0)
+    data = tokenized(8, tmp_path)
+    cfg = floe.TrainConfig(output_dir=str(tmp_path / "out"), max_steps=2, batch_size=2, save_steps=1,
+                           report_to=[], progress_bar=False)
+    messages = _saving_warnings(lambda: floe.train(model, make_tokenizer(), data, None, cfg))
+    assert not [m for m in messages if "config file" in m or "vocabulary" in m], messages
+    saved = [tmp_path / "out" / "adapter", *sorted((tmp_path / "out").glob("checkpoint-*"))]
+    assert len(saved) >= 2
+    for folder in saved:
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == NO_FOLDER

@@ -30,6 +30,7 @@ from floe.adapters.moe_lora.model import (
     read_weights,
     save_adapter,
 )
+from floe.adapters.naming import SAVE_KWARGS
 from floe.errors import InputError
 from floe.io import atomic_dir, atomic_write_text, share_tree
 
@@ -201,7 +202,7 @@ def save_run_adapter(model, folder: Path) -> None:
     elif is_moe_lora(model):
         save_adapter(model, folder)
     else:  # another PEFT method (the pipeline's baselines): PEFT's own folder, written atomically
-        atomic_dir(folder, lambda tmp: peft_model(model).save_pretrained(str(tmp)))
+        atomic_dir(folder, lambda tmp: peft_model(model).save_pretrained(str(tmp), **SAVE_KWARGS))
 
 
 def load_run_adapter(model, folder: Path) -> None:

@@ -104,10 +104,6 @@ class MoELoraLinear(nn.Module, LoraLayer):
         """The wrapped frozen linear (``get_base_layer()``)."""
         return self.get_base_layer()
 
-    def route(self, x: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
-        """Softmax routing weights ``w(x)`` of shape ``(..., M)``, computed in float32."""
-        return F.softmax(self.lora_router[adapter or self.active_adapters[0]](x).float(), dim=-1)
-
     def _gated(self, x: torch.Tensor, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(w ⊗ h, [B_1 … B_M])`` with ``h = A·dropout(x)``: the fused form's two factors.
 

@@ -26,8 +26,8 @@ from floe.adapters.moe_lora.config import MoELoraConfig
 from floe.adapters.moe_lora.convert import OLD_CONFIG_NAME
 from floe.adapters.moe_lora.layer import MoELoraLinear
 from floe.adapters.moe_lora.settings import AdapterSettings
-from floe.adapters.naming import attach
-from floe.arch import decoder_layers, trainable_parameter_count  # noqa: F401 (re-exported)
+from floe.adapters.naming import SAVE_KWARGS, attach
+from floe.arch import decoder_layers
 from floe.errors import InputError
 from floe.io import atomic_dir
 
@@ -180,7 +180,13 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """Run the base model: every adapter layer passes its input through the frozen base only.
 
     Unlike ``PeftModel.disable_adapter()`` this leaves ``requires_grad`` as it is."""
-    mods = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    with modules_disabled([m for m in model.modules() if isinstance(m, BaseTunerLayer)]):
+        yield
+
+
+@contextlib.contextmanager
+def modules_disabled(mods: list[nn.Module]) -> Iterator[None]:
+    """The adapter layers ``mods`` (PEFT tuner layers) pass their input through the frozen base only; restored after."""
     before = [m._disable_adapters for m in mods]
     for m in mods:
         m._disable_adapters = True
@@ -217,7 +223,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     if pm is None:
         raise AdapterError("model has no adapter to save: call apply_moe_lora or load_adapter first")
     name = pm.active_adapter
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(pm, adapter_name=name).items()}
+    state = get_peft_model_state_dict(pm, adapter_name=name, **SAVE_KWARGS)
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
     def write(tmp: Path) -> None:
         pm.peft_config[name].save_pretrained(str(tmp))
@@ -301,7 +308,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 def _load_weights(model: nn.Module, cfg: MoELoraConfig, directory, trainable: bool) -> None:
     pm = peft_model(model)
     name = pm.active_adapter
-    own = get_peft_model_state_dict(pm, adapter_name=name)
+    own = get_peft_model_state_dict(pm, adapter_name=name, **SAVE_KWARGS)
     saved = read_weights(Path(directory) / ADAPTER_WEIGHTS_NAME)
     missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
     if missing or unexpected:
