@@ -456,7 +456,10 @@ def test_training_objective_trains_each_trial_with_its_rank_and_experts(tmp_path
 
 
 def test_cli_refuses_bad_ranges_before_loading_anything(tmp_path, capsys):
-    from floe.search.__main__ import main
+    from floe.cli import main as floe_main
+
+    def main(argv):
+        return floe_main(["search", *argv])
 
     assert main(["--r-min", "16", "--r-max", "4", "--model", "no-such-model", "--output", str(tmp_path)]) == 2
     assert "inverted" in capsys.readouterr().err
@@ -467,7 +470,10 @@ def test_cli_refuses_bad_ranges_before_loading_anything(tmp_path, capsys):
 def test_cli_search_on_a_local_model_folder_writes_results_and_resumes(tmp_path, capsys):
     from train_helpers import save_tiny_model_folder, write_alpaca_jsonl
 
-    from floe.search.__main__ import main
+    from floe.cli import main as floe_main
+
+    def main(argv):
+        return floe_main(["search", *argv])
 
     model_dir = save_tiny_model_folder(tmp_path / "tiny")
     data = write_alpaca_jsonl(tmp_path / "d.jsonl", 40)

@@ -61,7 +61,10 @@ def test_a_search_started_with_a_bad_data_path_then_the_corrected_one_finishes_i
     (("--targets", "q_prj"), "q_prj"),
 ])
 def test_bad_layers_or_targets_are_refused_before_anything_is_written(tmp_path, tiny, capsys, extra, message):
-    from floe.search.__main__ import main
+    from floe.cli import main as floe_main
+
+    def main(argv):
+        return floe_main(["search", *argv])
 
     model, data = tiny
     out = tmp_path / "search"
@@ -72,7 +75,10 @@ def test_bad_layers_or_targets_are_refused_before_anything_is_written(tmp_path, 
 
 
 def test_empty_data_is_refused_before_anything_is_written(tmp_path, tiny, capsys):
-    from floe.search.__main__ import main
+    from floe.cli import main as floe_main
+
+    def main(argv):
+        return floe_main(["search", *argv])
 
     model, _ = tiny
     empty = tmp_path / "empty.jsonl"
@@ -84,7 +90,10 @@ def test_empty_data_is_refused_before_anything_is_written(tmp_path, tiny, capsys
 
 
 def test_a_mismatched_existing_study_is_refused_before_the_model_is_loaded(tmp_path, tiny, capsys):
-    from floe.search.__main__ import main
+    from floe.cli import main as floe_main
+
+    def main(argv):
+        return floe_main(["search", *argv])
 
     model, data = tiny
     out = tmp_path / "search"

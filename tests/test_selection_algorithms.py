@@ -337,7 +337,10 @@ def test_refinement_is_bounded_by_brute_force_and_usually_matches_it(rule):
     optimum, and it finds that optimum on most instances (rate printed with ``-s``)."""
     rate, total = _match_rate(rule, range(30))
     print(f"refinement matched the brute-force optimum on {rate:.0%} of {total} ({rule})")
-    assert rate >= 0.5
+    # The 30 instances are seeded, so the rate is fixed: 87 % (paper, fisher_top) and 90 % (kwon), measured
+    # 2026-12-03. A local search may stop short of the optimum (no improving single swap), so 100 % is not
+    # owed; 0.8 (24 of 30) fails if it stops short on three more instances than today.
+    assert rate >= 0.8
 
 
 def test_refinement_rejects_bad_input():

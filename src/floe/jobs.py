@@ -18,7 +18,7 @@ from floe.arch import trainable_parameter_count
 from floe.config import config_differences, to_dict
 from floe.errors import InputError
 from floe.io import atomic_write_text
-from floe.specs import DataSpec, ModelSpec, load_splits  # also importable from here, as before
+from floe.specs import DataSpec, ModelSpec, load_splits
 from floe.training import METRICS_FILE, NEUTRAL_KEYS, TrainConfig, TrainResult, clear_run, train
 
 

@@ -27,7 +27,7 @@ class DataSpec:
     max_length: int = 512
     """Longest tokenised example (prompt + response); longer ones are an error unless on_error=skip."""
     max_per_task: int | None = 60
-    """Cap on examples per task before splitting (mixtures only; None = all)."""
+    """Cap on examples per task in each split, taken after the seeded per-task split (a single task too; None = all)."""
     max_train_examples: int | None = None
     """Cap on training examples after splitting (None = all)."""
     max_eval_examples: int | None = 128

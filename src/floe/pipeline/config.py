@@ -105,7 +105,8 @@ class RunConfig:
     fim_passes: int = 8
     """fim_lora: calibration forward/backward passes (one training batch each) that score the matrices."""
     search: SearchSpec = field(default_factory=SearchSpec)
-    """Optional rank/expert search between warm-up and selection (off by default)."""
+    """Optional rank/expert search, run first, before the warm-up (off by default); its best r and M replace
+    adapter.r / adapter.num_experts of every trained method."""
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(split="test", max_examples=120, max_new_tokens=32))
     """Evaluation of the trained model on the test split (with train.keep_best: of the best adapter too)."""
     retention: RetentionConfig = field(default_factory=RetentionConfig)

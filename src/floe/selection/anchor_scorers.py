@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.nn as nn
 
-from floe.adapters import moe_lora_modules
+from floe.adapters.moe_lora.model import modules_disabled, moe_lora_modules
 from floe.arch import decoder_layers, model_device, model_inputs, text_config
 from floe.distributed import reduce_sum, shard
 from floe.selection.importance import BatchCounter, SelectionError, batch_loss, gathered_rows
@@ -143,15 +143,8 @@ def lora_drop_scores(rows: TokenRows) -> torch.Tensor:
 @contextlib.contextmanager
 def adapters_off(by_layer: dict[int, list[Any]], layers: Iterable[int]) -> Iterator[None]:
     """The adapters of ``layers`` switched off (the frozen layer's output only); restored afterwards."""
-    mods = [v.layer for k in set(layers) for v in by_layer.get(k, [])]
-    before = [m._disable_adapters for m in mods]
-    for m in mods:
-        m._disable_adapters = True
-    try:
+    with modules_disabled([v.layer for k in set(layers) for v in by_layer.get(k, [])]):
         yield
-    finally:
-        for m, b in zip(mods, before):
-            m._disable_adapters = b
 
 
 def mean_loss(model: nn.Module, batches: list[dict]) -> float:
