@@ -47,7 +47,7 @@ def make_batches(n: int = 3, batch: int = 2, seq: int = 12, seed: int = 0, vocab
         labels = ids.clone()
         labels[:, :4] = -100
         labels[am == 0] = -100
-        out.append(dict(input_ids=ids, attention_mask=am, labels=labels))
+        out.append({"input_ids": ids, "attention_mask": am, "labels": labels})
     return out
 
 

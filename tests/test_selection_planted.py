@@ -39,7 +39,7 @@ def _chain_batches(n: int, batch: int = 4, length: int = 12, seed: int = 0) -> l
         ids = torch.stack(cols, 1)
         labels = ids.clone()
         labels[:, : length // 2] = -100
-        out.append(dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels))
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     return out
 
 

@@ -175,8 +175,10 @@ class BestAdapter(TrainerCallback):
     ``load_best_model_at_end`` would replace the final adapter, and both are wanted. A resumed run reads
     ``best.json`` back, so the best of the steps before a kill still counts."""
 
-    def __init__(self, model, out: Path) -> None:
+    def __init__(self, model, out: Path, resuming: bool) -> None:
         self.model, self.out = model, out
+        if not resuming:  # a fresh start: no best of an earlier attempt counts
+            (out / BEST_FILE).unlink(missing_ok=True)
         record = json.loads((out / BEST_FILE).read_text()) if (out / BEST_FILE).is_file() else {}
         self.step: int | None = record.get("step")
         self.loss: float | None = record.get("eval_loss")
@@ -307,11 +309,10 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
     initial_eval = record.get("initial_eval_loss")
     if eval_data is not None and cfg.eval_before_training and resume_from is None:
         initial_eval = float(trainer.evaluate()["eval_loss"])
-    best = BestAdapter(model, out) if cfg.keep_best and eval_data is not None else None
+    best = None
+    if cfg.keep_best and eval_data is not None:
+        best = BestAdapter(model, out, resuming=resume_from is not None)
     if best is not None:
-        if resume_from is None:  # a fresh start: no best of an earlier attempt counts
-            (out / BEST_FILE).unlink(missing_ok=True)
-            best.step = best.loss = None
         trainer.add_callback(best)
         if initial_eval is not None and resume_from is None:  # the untrained adapter is the first candidate
             best.on_evaluate(args, trainer.state, None, metrics={"eval_loss": initial_eval})

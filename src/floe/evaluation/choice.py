@@ -43,6 +43,7 @@ def evaluate_choice(model, tokenizer, records: Sequence[Record], *, shots: dict[
     """
     features: list[dict] = []
     spans: list[tuple[int, int]] = []
+    prompts: list[list[int]] = []  # each record's prompt as scored (after any left truncation)
     n_truncated = 0
     for record in records:
         demos = draw_shots(record, shots or {}, num_shots, shot_seed)
@@ -50,13 +51,13 @@ def evaluate_choice(model, tokenizer, records: Sequence[Record], *, shots: dict[
         feats, truncated = option_features(prompt, record.meta["choices"], tokenizer, max_length)
         n_truncated += truncated
         spans.append((len(features), len(features) + len(feats)))
+        prompts.append(feats[0]["input_ids"][:feats[0]["labels"].count(IGNORE_INDEX)])
         features += feats
     if share_prompt and getattr(model, "prompt_cache", True):  # prompt-tuning wrappers opt out
         scored = []
-        for a, b in spans:
-            prompt = [t for t, lab in zip(features[a]["input_ids"], features[a]["labels"]) if lab == IGNORE_INDEX]
-            scored += [(s, 0) for s in option_logprobs(model, prompt, [f["input_ids"][len(prompt):]
-                                                                       for f in features[a:b]])]
+        for prompt, (a, b) in zip(prompts, spans):
+            options = [f["input_ids"][len(prompt):] for f in features[a:b]]
+            scored += [(s, 0) for s in option_logprobs(model, prompt, options)]
             if progress is not None:
                 progress(b - a)
     else:

@@ -135,7 +135,8 @@ def _retention(model, tokenizer, job: EvalJob, log) -> dict[str, Any]:
     progress = job.eval.progress
     if not job.adapter_dir:
         base = evaluate_retention(model, tokenizer, job.retention, progress)
-        log(f"[floe] retention (base model): accuracy {100 * base['accuracy']:.1f}% (chance {100 * base['chance']:.1f}%)")
+        log(f"[floe] retention (base model): accuracy {100 * base['accuracy']:.1f}% "
+            f"(chance {100 * base['chance']:.1f}%)")
         return {"base": base}
     after = evaluate_retention(model, tokenizer, job.retention, progress)
     with adapters_disabled(model):

@@ -77,8 +77,7 @@ def evaluate_retention(model, tokenizer, cfg: RetentionConfig, progress: bool = 
     from floe.evaluation.prompts import shot_pools
 
     t0 = time.perf_counter()
-    common = dict(seed=cfg.seed, max_per_task=cfg.max_examples, on_error="skip")
-    records = load_records(cfg.source, split="all", **common)
+    records = load_records(cfg.source, split="all", seed=cfg.seed, max_per_task=cfg.max_examples, on_error="skip")
     no_options = sorted({r.meta.get("task", "") for r in records if not has_options(r)})
     if no_options:
         raise InputError(f"retention.tasks: {no_options} have no multiple-choice options (target_scores); "

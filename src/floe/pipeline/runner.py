@@ -43,7 +43,7 @@ class _Run:
         log(f"[floe] data {cfg.data.source}: {len(self.train_ds)} training / {len(self.val_ds)} validation examples "
             f"(after skipping over-long ones); {self.num_layers} decoder layers")
         self.root = Path(cfg.stage_root or Path(cfg.output_dir) / "stages")
-        self.trained: dict[str, Any] = {}  # method → model trained in this process
+        self.trained: dict[str, Any] = {}  # method (or "method/best") → its model, trained or loaded in this process
         self.stages: dict[str, dict[str, Any]] = {}  # "method/stage" → what run.json records
         self.searched: dict[str, int] = {}  # r and num_experts found by the search stage (when enabled)
         self.search_stage: Stage | None = None
@@ -251,20 +251,22 @@ class _Run:
         from floe.pipeline.baselines import PEFT_METHODS
         from floe.training import BEST_DIR
 
-        if which == "final" and method in self.trained:
-            return self.trained[method]
-        folder = trained.dir / (BEST_DIR if which == "best" else "adapter")
+        key = method if which == "final" else f"{method}/{which}"
+        if key in self.trained:  # trained in this process, or loaded for an earlier stage (eval, then retention)
+            return self.trained[key]
+        folder = trained.dir / (BEST_DIR if which == "best" else "model" if method == "full" else "adapter")
         model = self.base_model()
         if method == "full":
             from floe.checkpoints import load_full_weights
 
-            load_full_weights(model, trained.dir / ("model" if which == "final" else BEST_DIR))
+            load_full_weights(model, folder)
         elif method in PEFT_METHODS:
             from peft import PeftModel
 
             model.__dict__[_PEFT_ATTR] = PeftModel.from_pretrained(model, str(folder))
         else:
             load_adapter(model, folder)
+        self.trained[key] = model
         return model
 
     def evaluate(self, method: str, trained: Stage, which: str = "final") -> dict[str, Any]:
