@@ -33,7 +33,7 @@ def one_run(model_name: str, bf16: bool, steps: int, seed: int, train_ds, val_ds
     import floe
 
     model, _ = floe.load_model(model_name)
-    floe.apply_moe_lora(model, floe.MoELoraConfig(r=8, num_experts=4, lora_alpha=32, lora_dropout=0.05,
+    model = floe.apply_moe_lora(model, floe.MoELoraConfig(r=8, num_experts=4, lora_alpha=32, lora_dropout=0.05,
                                                           target_modules=["gate_proj", "up_proj", "down_proj"]),
                                 seed=seed)
     with tempfile.TemporaryDirectory() as out:

@@ -98,7 +98,7 @@ def build_variants(load: Callable[[], torch.nn.Module], r: int, experts: int, al
         model = load()
         settings = AdapterSettings(r=r, num_experts=experts, alpha=alpha, dropout=0.05, target_modules=targets,
                                    layers=layers)
-        wrapped = apply_moe_lora(model, settings, seed=seed + i)
+        wrapped = list(moe_lora_modules(apply_moe_lora(model, settings, seed=seed + i)))
         randomised = _randomise_lora_b(model, seed + 10 + i)
         model.eval()
         n_mods = len(list(moe_lora_modules(model)))

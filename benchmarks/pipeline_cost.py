@@ -105,7 +105,7 @@ def write_smoke_inputs(folder: Path, rows: int = 48) -> tuple[Path, Path]:
 SMOKE_OVERRIDES: dict[str, Any] = {
     "train.max_steps": 4, "train.batch_size": 4, "train.eval_steps": 2, "train.save_steps": 2,
     "train.logging_steps": 1, "train.learning_rate": 5e-3,
-    "warmup.max_steps": 3, "select.batch_size": 4, "select.max_examples": 12, "select.config.heldout_batches": 1,
+    "warmup_run.max_steps": 3, "select.batch_size": 4, "select.max_examples": 12, "select.config.heldout_batches": 1,
     "eval.max_examples": 4, "eval.max_new_tokens": 4, "eval.batch_size": 4,
 }
 

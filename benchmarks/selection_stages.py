@@ -62,7 +62,7 @@ def main() -> None:
         epoch_seconds = float(json.loads(metrics.read_text())["train_seconds"])
         warmup = {"adapter": args.adapter, "train_seconds": epoch_seconds}
     else:
-        apply_moe_lora(model, MoELoraConfig(r=args.r, num_experts=args.experts, base_model_name_or_path=args.model))
+        model = apply_moe_lora(model, MoELoraConfig(r=args.r, num_experts=args.experts, base_model_name_or_path=args.model))
         cfg = TrainConfig(output_dir=str(out / "warmup"), num_epochs=1.0, batch_size=args.batch_size,
                           report_to=[], progress_bar=False, eval_before_training=False, save_steps=10_000,
                           resume=False)

@@ -94,7 +94,7 @@ def main() -> None:
     from floe.models import load_model
     from floe.selection import SelectionConfig
     from floe.selection.importance import mask_gradients, masked_losses
-    from floe.selection.stages import run_stages
+    from floe.selection.algorithm import run_stages
     from floe.selection.taylor import weight_taylor
 
     model, tokenizer = load_model(args.model)

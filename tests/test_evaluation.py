@@ -209,7 +209,7 @@ def test_adapters_disabled_evaluates_as_the_base_model():
     tok = make_tokenizer()
     base = tiny_model("llama", seed=2)
     adapted = tiny_model("llama", seed=2)
-    apply_moe_lora(adapted, MoELoraConfig(r=4, num_experts=2, target_modules=["q_proj", "v_proj", "down_proj"]))
+    adapted = apply_moe_lora(adapted, MoELoraConfig(r=4, num_experts=2, target_modules=["q_proj", "v_proj", "down_proj"]))
     torch.manual_seed(0)
     with torch.no_grad():
         for n, p in adapted.named_parameters():
@@ -309,7 +309,7 @@ def test_floe_eval_command_writes_eval_json_and_matches_the_api(tmp_path, capsys
 
     # with an adapter (non-zero B): a different model
     adapted = tiny_model("llama")
-    apply_moe_lora(adapted, MoELoraConfig(r=2, num_experts=2, target_modules=["down_proj"]))
+    adapted = apply_moe_lora(adapted, MoELoraConfig(r=2, num_experts=2, target_modules=["down_proj"]))
     with torch.no_grad():
         for n, p in adapted.named_parameters():
             if "lora_B" in n:

@@ -20,6 +20,7 @@ from conftest import tiny_config, tiny_model
 import floe.adapters.moe_lora.model as moe_model
 from floe.adapters.moe_lora import (
     AdapterError,
+    adapter_config,
     MoELoraConfig,
     MoELoraLinear,
     MoELoraView,
@@ -208,7 +209,7 @@ def test_layer_parameter_shapes_and_initialisation():
 
 def test_fused_model_matches_per_expert_loop_in_logits_and_gradients(arch, monkeypatch):
     model = tiny_model(arch)
-    apply_moe_lora(model, MoELoraConfig(r=4, num_experts=3, alpha=8.0, dropout=0.1,
+    model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=3, alpha=8.0, dropout=0.1,
                                         target_modules=("q_proj", "gate_proj", "down_proj")))
     randomise_adapter(model)
     model.train()
@@ -238,7 +239,8 @@ def test_zero_B_wrapped_model_logits_equal_base_exactly(arch):
     base = tiny_model(arch)
     ids = input_ids()
     expected = logits_of(base, ids)
-    wrapped = apply_moe_lora(base, MoELoraConfig(r=4, num_experts=3))
+    base = apply_moe_lora(base, MoELoraConfig(r=4, num_experts=3))
+    wrapped = list(moe_lora_modules(base))
     assert len(wrapped) == 4 * 3
     assert not any(m.layer.training for m in moe_lora_modules(base).values()), "wrapping keeps the model's eval mode"
     assert torch.equal(logits_of(base, ids), expected)
@@ -247,7 +249,8 @@ def test_zero_B_wrapped_model_logits_equal_base_exactly(arch):
 def test_only_adapter_parameters_get_gradients_and_base_is_unchanged_by_a_step(arch):
     model = tiny_model(arch)
     cfg = MoELoraConfig(r=4, num_experts=3, layers=[1, 2])
-    wrapped = apply_moe_lora(model, cfg)
+    apply_moe_lora(model, cfg)  # adapts the model in place, as get_peft_model does (its names stay the base's)
+    wrapped = list(moe_lora_modules(model))
     randomise_adapter(model)
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not is_adapter_param(n)}
     model.train()
@@ -277,8 +280,9 @@ def test_only_adapter_parameters_get_gradients_and_base_is_unchanged_by_a_step(a
 
 def test_layer_subset_wraps_exactly_the_named_layers(arch):
     model = tiny_model(arch)
-    wrapped = apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, layers=[3, 0],
-                                                  target_modules=("up_proj", "o_proj")))
+    peft = apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, layers=[3, 0],
+                                                 target_modules=("up_proj", "o_proj")))
+    wrapped = list(moe_lora_modules(peft))
     expected = [f"model.layers.{i}.{t}" for i in (0, 3) for t in ("self_attn.o_proj", "mlp.up_proj")]
     assert sorted(wrapped) == sorted(expected)
     assert sorted(moe_lora_modules(model)) == sorted(expected)
@@ -291,14 +295,14 @@ def test_layer_subset_wraps_exactly_the_named_layers(arch):
 def test_out_of_range_layer_is_an_error_naming_the_layer_count(arch):
     model = tiny_model(arch)
     with pytest.raises(AdapterError, match=r"\[4, 9\] out of range.*4 decoder layers \(0\.\.3\)"):
-        apply_moe_lora(model, MoELoraConfig(layers=[0, 4, 9]))
+        model = apply_moe_lora(model, MoELoraConfig(layers=[0, 4, 9]))
     assert not moe_lora_modules(model)
 
 
 def test_unknown_target_is_an_error_listing_existing_modules(arch):
     model = tiny_model(arch)
     with pytest.raises(AdapterError) as err:
-        apply_moe_lora(model, MoELoraConfig(target_modules=("gate_proj", "fc1")))
+        model = apply_moe_lora(model, MoELoraConfig(target_modules=("gate_proj", "fc1")))
     msg = str(err.value)
     assert "'fc1'" in msg
     for existing in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
@@ -308,9 +312,11 @@ def test_unknown_target_is_an_error_listing_existing_modules(arch):
 
 def test_applying_twice_is_refused():
     model = tiny_model("llama")
-    apply_moe_lora(model, MoELoraConfig(layers=[0]))
+    peft = apply_moe_lora(model, MoELoraConfig(layers=[0]))
     with pytest.raises(AdapterError, match="already has MoE-LoRA"):
-        apply_moe_lora(model, MoELoraConfig(layers=[1]))
+        apply_moe_lora(model, MoELoraConfig(layers=[1]))  # the base model, adapted in place
+    with pytest.raises(AdapterError, match="takes the base model.*add_adapter"):
+        apply_moe_lora(peft, MoELoraConfig(layers=[1]))
 
 
 @pytest.mark.parametrize("bad, field", [(dict(r=0), "r must"), (dict(num_experts=0), "num_experts"),
@@ -326,7 +332,7 @@ def test_adapters_disabled_gives_base_logits_and_restores_the_adapter(arch):
     model = tiny_model(arch)
     ids = input_ids()
     base_logits = logits_of(model, ids)
-    apply_moe_lora(model, MoELoraConfig(r=4, num_experts=2))
+    model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=2))
     randomise_adapter(model)
     adapted = logits_of(model, ids)
     assert not torch.allclose(adapted, base_logits)
@@ -382,11 +388,11 @@ def test_router_aux_loss_matches_switch_formula_and_reaches_the_router():
 def test_router_probabilities_are_recorded_only_when_the_aux_loss_is_on():
     ids = input_ids()
     off = tiny_model("llama")
-    apply_moe_lora(off, MoELoraConfig(num_experts=2))
+    off = apply_moe_lora(off, MoELoraConfig(num_experts=2))
     off(input_ids=ids)
     assert router_aux_loss(off) is None
     on = tiny_model("llama")
-    apply_moe_lora(on, MoELoraConfig(num_experts=2, router_aux_loss_coef=0.01, layers=[0, 2]))
+    on = apply_moe_lora(on, MoELoraConfig(num_experts=2, router_aux_loss_coef=0.01, layers=[0, 2]))
     on(input_ids=ids)
     loss = router_aux_loss(on)
     assert loss.ndim == 0 and loss >= 1.0 - 1e-6
@@ -398,20 +404,21 @@ def test_router_probabilities_are_recorded_only_when_the_aux_loss_is_on():
 def test_save_load_round_trip_into_a_fresh_model_gives_identical_logits(arch, tmp_path):
     model = tiny_model(arch)
     cfg = MoELoraConfig(r=4, num_experts=3, alpha=12.0, layers=[0, 3], target_modules=("v_proj", "down_proj"))
-    apply_moe_lora(model, cfg)
+    model = apply_moe_lora(model, cfg)
     randomise_adapter(model)
     ids = input_ids()
     expected = logits_of(model, ids)
     out = tmp_path / "adapter"
     save_adapter(model, out)
-    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]  # PEFT's folder
+    assert sorted(os.listdir(out)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # PEFT's folder
     saved_cfg = json.loads((out / moe_model.ADAPTER_CONFIG_NAME).read_text())
     assert saved_cfg["peft_type"] == "FLOE_MOE_LORA"
     assert saved_cfg["r"] == 4 and saved_cfg["num_experts"] == 3 and saved_cfg["layers_to_transform"] == [0, 3]
 
     fresh = tiny_model(arch)  # same seed: same base weights, adapter not yet applied
     loaded = load_adapter(fresh, out)
-    assert loaded.settings() == cfg.settings()
+    assert isinstance(loaded, peft.PeftModel) and loaded.get_base_model() is fresh
+    assert adapter_config(loaded).settings() == cfg.settings()
     assert sorted(moe_lora_modules(fresh)) == sorted(moe_lora_modules(model))
     assert torch.equal(logits_of(fresh, ids), expected)
     assert not any(p.requires_grad for p in fresh.parameters()), "loaded adapter is frozen by default"
@@ -423,21 +430,21 @@ def test_save_load_round_trip_into_a_fresh_model_gives_identical_logits(arch, tm
 
 def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     model = tiny_model("llama")
-    apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, layers=[1]))
+    model = apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, layers=[1]))
     randomise_adapter(model, seed=1)
     out = tmp_path / "adapter"
     save_adapter(model, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     randomise_adapter(model, seed=2)
-    real_save_file = moe_model.save_file
+    real_save_file = peft.peft_model.safe_save_file  # what PeftModel.save_pretrained writes the weights with
 
     def failing_save_file(tensors, filename, metadata=None):
         real_save_file(tensors, filename, metadata=metadata)  # a half-finished folder exists...
         Path(filename).write_bytes(b"truncated")
         raise OSError("disk full (simulated)")  # ...and then the write fails
 
-    monkeypatch.setattr(moe_model, "save_file", failing_save_file)
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", failing_save_file)
     with pytest.raises(OSError, match="simulated"):
         save_adapter(model, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "the old adapter must be intact"
@@ -447,7 +454,7 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
         save_adapter(model, tmp_path / "new")
     assert sorted(os.listdir(tmp_path)) == ["adapter"], "a failed first save leaves nothing"
 
-    monkeypatch.setattr(moe_model, "save_file", real_save_file)
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", real_save_file)
     save_adapter(model, out)  # overwriting works and leaves no stale copies
     assert sorted(os.listdir(tmp_path)) == ["adapter"]
     assert {p.name: p.read_bytes() for p in out.iterdir()} != before
@@ -455,7 +462,7 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
 
 def test_load_into_different_size_model_is_an_error_and_leaves_the_model_untouched(arch, tmp_path):
     model = tiny_model(arch)
-    apply_moe_lora(model, MoELoraConfig(r=4, num_experts=2))
+    model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=2))
     save_adapter(model, tmp_path / "all")
     bigger = tiny_model(arch, hidden_size=64, intermediate_size=96)
     ids = input_ids()
@@ -472,7 +479,7 @@ def test_load_into_different_size_model_is_an_error_and_leaves_the_model_untouch
         load_adapter(shallower, tmp_path / "all")  # saved for all 4 layers; this model has 2
     assert not moe_lora_modules(shallower)
     model2 = tiny_model(arch)
-    apply_moe_lora(model2, MoELoraConfig(r=4, num_experts=2, layers=[0, 3]))
+    model2 = apply_moe_lora(model2, MoELoraConfig(r=4, num_experts=2, layers=[0, 3]))
     save_adapter(model2, tmp_path / "some")
     with pytest.raises(AdapterError, match=r"layer indices \[3\] out of range.*2 decoder layers"):
         load_adapter(shallower, tmp_path / "some")
@@ -481,10 +488,10 @@ def test_load_into_different_size_model_is_an_error_and_leaves_the_model_untouch
 
 def test_load_into_model_with_a_different_layer_set_is_an_error(tmp_path):
     model = tiny_model("llama")
-    apply_moe_lora(model, MoELoraConfig(layers=[2, 3]))
+    model = apply_moe_lora(model, MoELoraConfig(layers=[2, 3]))
     save_adapter(model, tmp_path / "a")
     other = tiny_model("llama")
-    apply_moe_lora(other, MoELoraConfig(layers=[0, 1]))
+    other = apply_moe_lora(other, MoELoraConfig(layers=[0, 1]))
     with pytest.raises(AdapterError, match=r"does not match the model's MoE-LoRA layers.*model\.layers\.0\.mlp.*"
                                            r"unexpected \['base_model\.model\.model\.layers\.2.*another model or layer set"):
         load_adapter(other, tmp_path / "a")
@@ -492,10 +499,10 @@ def test_load_into_model_with_a_different_layer_set_is_an_error(tmp_path):
 
 def test_load_into_model_with_different_scaling_is_an_error(tmp_path):
     model = tiny_model("llama")
-    apply_moe_lora(model, MoELoraConfig(r=4, alpha=8.0, layers=[0]))
+    model = apply_moe_lora(model, MoELoraConfig(r=4, alpha=8.0, layers=[0]))
     save_adapter(model, tmp_path / "a")
     other = tiny_model("llama")
-    apply_moe_lora(other, MoELoraConfig(r=4, alpha=32.0, layers=[0]))
+    other = apply_moe_lora(other, MoELoraConfig(r=4, alpha=32.0, layers=[0]))
     with pytest.raises(AdapterError, match="alpha"):
         load_adapter(other, tmp_path / "a")
 
@@ -524,8 +531,9 @@ def test_loading_a_folder_that_is_not_an_adapter_is_an_error(tmp_path):
 def test_one_expert_adapter_is_a_plain_peft_lora_adapter(arch, tmp_path):
     targets = ("q_proj", "v_proj", "down_proj")
     model = tiny_model(arch)
-    wrapped = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=1, alpha=12.0, dropout=0.1, layers=[1, 3],
+    model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=1, alpha=12.0, dropout=0.1, layers=[1, 3],
                                                   target_modules=targets))
+    wrapped = list(moe_lora_modules(model))
     randomise_adapter(model)
     model.eval()
     ids = input_ids()
@@ -559,7 +567,8 @@ def test_mistral_model_is_wrapped_matches_reference_and_round_trips(tmp_path, mo
     model = tiny_model("mistral")
     ids = input_ids()
     base_logits = logits_of(model, ids)
-    wrapped = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=3, layers=[0, 2]))
+    model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=3, layers=[0, 2]))
+    wrapped = list(moe_lora_modules(model))
     assert sorted(wrapped) == sorted(mlp_names([0, 2]))
     assert torch.equal(logits_of(model, ids), base_logits)
     randomise_adapter(model)

@@ -154,7 +154,7 @@ def test_trained_adapter_reloads_with_peft_in_a_fresh_process_and_never_without_
 
 def test_old_format_folder_is_refused_naming_convert_adapter_and_converts_exactly(tmp_path, capsys):
     model = tiny_model("llama")
-    floe.apply_moe_lora(model, MoELoraConfig(r=2, num_experts=3, layers=[0, 2], alpha=6.0, init_lora_weights=False))
+    model = floe.apply_moe_lora(model, MoELoraConfig(r=2, num_experts=3, layers=[0, 2], alpha=6.0, init_lora_weights=False))
     x = ids()
     expected = logits(model, x)
     # the folder FLoE wrote before PEFT: (M, d_out, r) expert stacks, "router" linears
@@ -188,24 +188,23 @@ def test_old_format_folder_is_refused_naming_convert_adapter_and_converts_exactl
 def test_saved_adapter_names_the_base_model_the_user_asked_for_not_the_loaded_folder(tmp_path, recwarn):
     # a built-in model loads from a folder in this machine's cache; its adapter must name the model, not the folder
     from floe.adapters.moe_lora import AdapterSettings
-    from floe.adapters.moe_lora.model import peft_model
     from floe.pipeline.baselines import attach_peft
 
     model = tiny_model()
     model.config._name_or_path = str(tmp_path / "cache" / "models" / "smollm2-135m")
-    floe.apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, base_model_name_or_path="smollm2-135m"))
+    model = floe.apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, base_model_name_or_path="smollm2-135m"))
     floe.save_adapter(model, tmp_path / "moe")
     assert json.loads((tmp_path / "moe" / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
     assert not [w for w in recwarn if "renamed" in str(w.message)]
     plain = tiny_model()
     plain.config._name_or_path = str(tmp_path / "cache" / "models" / "smollm2-135m")
-    attach_peft(plain, "lora", AdapterSettings(r=2, target_modules=["q_proj"], base_model_name_or_path="smollm2-135m"),
-                None, 10, seed=0)
-    peft_model(plain).save_pretrained(str(tmp_path / "lora"))
+    lora = attach_peft(plain, "lora", AdapterSettings(r=2, target_modules=["q_proj"],
+                                                      base_model_name_or_path="smollm2-135m"), None, 10, seed=0)
+    lora.save_pretrained(str(tmp_path / "lora"))
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
     model = tiny_model()  # no name asked for: the model's own, as PEFT does
     model.config._name_or_path = "owner/model"
-    floe.apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2))
+    model = floe.apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2))
     floe.save_adapter(model, tmp_path / "own")
     assert json.loads((tmp_path / "own" / "adapter_config.json").read_text())["base_model_name_or_path"] == "owner/model"
 
@@ -239,12 +238,12 @@ def test_saving_and_loading_an_adapter_whose_base_name_is_no_folder_warns_nothin
     from floe.adapters.naming import attach
 
     model = tiny_model()
-    floe.apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, base_model_name_or_path=NO_FOLDER), seed=0)
+    model = floe.apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, base_model_name_or_path=NO_FOLDER), seed=0)
     lora = attach(tiny_model(), peft.LoraConfig(r=2, target_modules=["q_proj"], base_model_name_or_path=NO_FOLDER))
 
     def save_and_load():
         floe.save_adapter(model, tmp_path / "moe")  # floe train's final adapter
-        floe.peft_model(model).save_pretrained(str(tmp_path / "checkpoint"))  # what the Trainer's checkpoints call
+        model.save_pretrained(str(tmp_path / "checkpoint"))  # what the Trainer's checkpoints call
         lora.save_pretrained(str(tmp_path / "lora"))  # a PEFT baseline of floe run
         load_adapter(tiny_model(), tmp_path / "moe")
 
@@ -261,7 +260,7 @@ def test_a_training_run_on_a_model_named_by_no_folder_saves_without_the_vocabula
 
     model = tiny_model()
     model.config._name_or_path = NO_FOLDER
-    floe.apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, target_modules=["up_proj"]), seed=0)
+    model = floe.apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, target_modules=["up_proj"]), seed=0)
     data = tokenized(8, tmp_path)
     cfg = floe.TrainConfig(output_dir=str(tmp_path / "out"), max_steps=2, batch_size=2, save_steps=1,
                            report_to=[], progress_bar=False)

@@ -29,7 +29,7 @@ def _config(tmp: Path, **over) -> RunConfig:
             "adapter": {"r": 2, "num_experts": 2},
             "train": {"max_steps": 4, "batch_size": 4, "report_to": [], "progress_bar": False, "save_steps": 2,
                       "logging_steps": 1, "learning_rate": 5e-3},
-            "warmup": {"max_steps": 3}, "select": {"batch_size": 4, "max_examples": 12, "config": {"heldout_batches": 1}},
+            "warmup_run": {"max_steps": 3}, "select": {"batch_size": 4, "max_examples": 12, "config": {"heldout_batches": 1}},
             "lisa_interval": 2, "eval": {"max_examples": 4, "max_new_tokens": 4, "progress": False},
             "output_dir": str(tmp / "run")}
     for key, value in over.items():
@@ -68,6 +68,33 @@ def test_pipeline_runs_end_to_end_and_records_every_stage(finished_run):
         assert {"test_loss", "exact_match", "rouge_l"} <= set(m["scores"])
         assert m["steps"] == 4 and m["eval_losses"][0][0] == 0
     assert all(s["peak_memory_mb"] > 0 and s["seconds"] > 0 for s in saved["stages"].values())
+
+
+def test_a_run_loads_the_model_once_per_stage_that_runs_it(tmp_path, monkeypatch):
+    # the layer count comes from the model's config; each stage that trains or selects loads the weights
+    # once, and each evaluation reuses the model its training stage left in this process
+    import floe.models
+
+    loads: list[str] = []
+    real = floe.models.load_model
+
+    def counting(*args, **kwargs):
+        loads.append(str(args[0] if args else kwargs.get("name_or_path")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(floe.models, "load_model", counting)
+    log: list[str] = []
+    run(_config(tmp_path, compare=["moe_lora"]), log=log.append)
+    assert _ran(log) == ["warmup", "select", "floe/train", "floe/eval", "moe_lora/train", "moe_lora/eval"]
+    assert len(loads) == 4  # warmup, select, floe/train, moe_lora/train
+
+
+def test_the_old_warmup_section_name_is_read_with_a_deprecation_warning(tmp_path):
+    with pytest.warns(FutureWarning, match="'warmup' is deprecated: rename it to 'warmup_run'"):
+        cfg = from_dict(RunConfig, {"warmup": {"max_steps": 7}})
+    assert cfg.warmup_run.max_steps == 7
+    with pytest.raises(InputError, match="both 'warmup' and 'warmup_run' are set"):
+        from_dict(RunConfig, {"warmup": {"max_steps": 7}, "warmup_run": {"max_steps": 7}})
 
 
 def test_the_same_config_again_runs_no_stage(finished_run):
@@ -143,13 +170,13 @@ def test_a_layer_list_in_any_order_or_naming_every_layer_keys_the_same_training(
 
     settings = AdapterSettings(r=2, num_experts=2)
     listed, unlisted = tiny_model(), tiny_model()
-    apply_moe_lora(listed, MoELoraConfig(r=2, num_experts=2, layers_to_transform=[3, 1, 0, 2]), seed=5)
-    apply_moe_lora(unlisted, MoELoraConfig(r=2, num_experts=2), seed=5)
+    listed = apply_moe_lora(listed, MoELoraConfig(r=2, num_experts=2, layers_to_transform=[3, 1, 0, 2]), seed=5)
+    unlisted = apply_moe_lora(unlisted, MoELoraConfig(r=2, num_experts=2), seed=5)
     a, b = adapter_state_dict(listed), adapter_state_dict(unlisted)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     ranked, ordered = tiny_model(), tiny_model()  # a subset in rank order or sorted: the same adapter
-    apply_moe_lora(ranked, MoELoraConfig(r=2, num_experts=2, layers_to_transform=[2, 0]), seed=5)
-    apply_moe_lora(ordered, MoELoraConfig(r=2, num_experts=2, layers_to_transform=[0, 2]), seed=5)
+    ranked = apply_moe_lora(ranked, MoELoraConfig(r=2, num_experts=2, layers_to_transform=[2, 0]), seed=5)
+    ordered = apply_moe_lora(ordered, MoELoraConfig(r=2, num_experts=2, layers_to_transform=[0, 2]), seed=5)
     a, b = adapter_state_dict(ranked), adapter_state_dict(ordered)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     listed, unlisted = tiny_model(), tiny_model()
@@ -181,7 +208,7 @@ def test_floe_select_table_names_a_choice_that_is_a_position_baseline():
 def test_moe_lora_baselines_train_exactly_their_adapter_parameters(layers):
     model = tiny_model("llama")  # hidden 32, intermediate 48, 4 layers
     r, m = 2, 3
-    apply_moe_lora(model, MoELoraConfig(r=r, num_experts=m, layers=layers))
+    model = apply_moe_lora(model, MoELoraConfig(r=r, num_experts=m, layers=layers))
     per_module = {"gate_proj": (32, 48), "up_proj": (32, 48), "down_proj": (48, 32)}
     by_hand = sum(r * d_in + m * d_out * r + m * d_in for d_in, d_out in per_module.values())
     n_layers = 4 if layers is None else len(layers)
@@ -193,7 +220,7 @@ def test_lisa_trains_only_the_drawn_layers_and_redraws_them(tmp_path):
     from floe.training import TrainConfig, train
 
     model = tiny_model("llama")
-    apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, dropout=0.0), seed=0)
+    model = apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, dropout=0.0), seed=0)
     params = adapter_params_by_layer(model)
     snapshots = []
 
@@ -244,7 +271,7 @@ def test_peft_baselines_train_exactly_their_parameters(method, tmp_path):
     from floe.training import TrainConfig, train
 
     model = tiny_model("llama")  # hidden 32, intermediate 48
-    attach_peft(model, method, AdapterSettings(r=2, num_experts=1), None, total_steps=2, seed=0)
+    model = attach_peft(model, method, AdapterSettings(r=2, num_experts=1), None, total_steps=2, seed=0)
     per_module = {"gate_proj": (32, 48), "up_proj": (32, 48), "down_proj": (48, 32)}
     by_hand = sum(2 * (d_in + d_out) + (d_out if method == "dora" else 0) for d_in, d_out in per_module.values())
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 4 * by_hand

@@ -19,23 +19,21 @@ HIDDEN = 32  # tiny_model's hidden size
 
 def _prompt_model(method: str, n: int = 5):
     from floe.adapters.moe_lora import AdapterSettings
-    from floe.adapters.moe_lora.model import peft_model
     from floe.pipeline.baselines import attach_peft
 
     model = tiny_model("llama")
-    attach_peft(model, method, AdapterSettings(), None, total_steps=2, seed=0, virtual_tokens=n)
-    return model, peft_model(model)
+    return model, attach_peft(model, method, AdapterSettings(), None, total_steps=2, seed=0, virtual_tokens=n)
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
 def test_prompt_methods_train_exactly_their_parameters(method):
     from floe.pipeline.baselines import trainable_counts
 
-    model, _ = _prompt_model(method, n=5)
+    model, pm = _prompt_model(method, n=5)
     by_hand = 5 * HIDDEN  # the virtual-token embeddings
     if method == "p_tuning":  # PEFT's MLP encoder: three hidden x hidden linear layers with biases
         by_hand += 3 * (HIDDEN * HIDDEN + HIDDEN)
-    trainable, total = trainable_counts(model)
+    trainable, total = trainable_counts(pm)
     assert trainable == by_hand
     assert total == by_hand + sum(p.numel() for p in model.parameters())
     assert not any(p.requires_grad for p in model.parameters())  # the base model stays frozen
@@ -176,7 +174,7 @@ def test_full_fine_tuning_killed_mid_run_resumes_to_the_uninterrupted_weights(tm
         from floe.adapters.moe_lora import MoELoraConfig, apply_moe_lora
 
         m = tiny_model("llama")
-        apply_moe_lora(m, MoELoraConfig(r=2, num_experts=2))
+        m = apply_moe_lora(m, MoELoraConfig(r=2, num_experts=2))
         train(m, make_tokenizer(), data, None, cfg("bad"), full=True)
 
 

@@ -26,7 +26,8 @@ from transformers import TrainerCallback
 
 from floe.adapters.moe_lora import MoELoraConfig, adapter_state_dict, apply_moe_lora
 from floe.cli import main
-from floe.training import RECORD_FILE, TrainConfig, train
+from floe.checkpoints import RECORD_FILE
+from floe.training import TrainConfig, train
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -66,7 +67,7 @@ def test_adapter_init_follows_the_seed_and_leaves_the_global_generator_alone():
     models = [tiny_model("llama") for _ in range(3)]  # (tiny_model seeds the global generator itself)
 
     def init(m, seed):
-        apply_moe_lora(m, MoELoraConfig(r=4, num_experts=2), seed=seed)
+        m = apply_moe_lora(m, MoELoraConfig(r=4, num_experts=2), seed=seed)
         return adapter_state_dict(m)
 
     torch.manual_seed(123)
@@ -103,7 +104,7 @@ def _bad_inputs(tmp: Path, model_dir: Path, data: Path) -> dict[str, list[str]]:
     (tmp / "empty.jsonl").write_text("")
     cut = tmp / "cut_adapter"
     m = tiny_model("llama")
-    apply_moe_lora(m, MoELoraConfig(r=2, num_experts=2))
+    m = apply_moe_lora(m, MoELoraConfig(r=2, num_experts=2))
     from floe.adapters.moe_lora import save_adapter
 
     save_adapter(m, cut)
@@ -214,7 +215,7 @@ def test_a_run_with_other_settings_in_the_same_folder_writes_nothing(tiny_job, t
 
 def _fresh_model():
     m = tiny_model("qwen2")
-    apply_moe_lora(m, MoELoraConfig(r=4, num_experts=2, dropout=0.1), seed=0)
+    m = apply_moe_lora(m, MoELoraConfig(r=4, num_experts=2, dropout=0.1), seed=0)
     return m
 
 
@@ -257,7 +258,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_ends_as_an_uninterru
 
 
 def test_a_checkpoint_without_its_record_is_incomplete(tmp_path):
-    from floe.training import complete_checkpoints
+    from floe.checkpoints import complete_checkpoints
 
     data, tok = tokenized(8, tmp_path), make_tokenizer()
     train(_fresh_model(), tok, data, None, _cfg(tmp_path / "r", max_steps=4))
@@ -270,7 +271,7 @@ def test_a_checkpoint_without_its_record_is_incomplete(tmp_path):
 
 def test_a_checkpoint_with_a_cut_adapter_file_is_incomplete(tmp_path):
     """Checkpoints are PEFT's (written by the Trainer): a cut adapter_model.safetensors is damage."""
-    from floe.training import complete_checkpoints
+    from floe.checkpoints import complete_checkpoints
 
     data, tok = tokenized(8, tmp_path), make_tokenizer()
     train(_fresh_model(), tok, data, None, _cfg(tmp_path / "r", max_steps=4))

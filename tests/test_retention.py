@@ -43,7 +43,7 @@ def test_an_untrained_adapter_forgets_nothing_and_the_delta_is_after_minus_befor
     model, tok = tiny_model("llama", seed=5), make_tokenizer()
     cfg = RetentionConfig(tasks=TASKS, max_examples=10)
     before = evaluate_retention(model, tok, cfg)
-    apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2), seed=1)  # B = 0: the same function
+    model = apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2), seed=1)  # B = 0: the same function
     after = evaluate_retention(model, tok, cfg)
     assert retention_delta(after, before) == {"accuracy": 0.0, "per_task": {t: 0.0 for t in TASKS}}
     with torch.no_grad():  # a perturbed adapter changes the scores; the delta is their difference
@@ -110,7 +110,7 @@ def test_floe_eval_scores_retention_with_and_without_the_adapter(tmp_path, fake_
 
     model_dir = save_tiny_model_folder(tmp_path / "tiny")
     model = tiny_model("llama")
-    apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2), seed=1)
+    model = apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2), seed=1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

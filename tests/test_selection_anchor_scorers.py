@@ -18,7 +18,8 @@ from conftest import tiny_model
 from floe.adapters import MoELoraLinear
 from floe.arch import decoder_layers, find_child
 from floe.selection import SCORERS, Selection, SelectionConfig, SelectionError, select_layers
-from floe.selection.cli import SELECT_FLAGS, write_outputs
+from floe.selection.cli import SELECT_FLAGS
+from floe.selection.outputs import write_outputs
 from floe.selection.layer_score import cost_adjusted_scores, rank_layers
 from floe.selection.spectral_scorers import alpha_expert_pattern, alpha_hill, spectrum_snr
 from test_selection_model import adapted_model, make_batches
@@ -56,7 +57,7 @@ def test_lora_drop_equals_numpy_adapter_outputs(arch):
     model = adapted_model(arch, dtype=torch.float64)
     batches = make_batches(3)
     inputs: dict[str, list[np.ndarray]] = {}
-    modules = {n: m for n, m in model.named_modules() if isinstance(m, MoELoraLinear)}
+    modules = {n: m for n, m in model.get_base_model().named_modules() if isinstance(m, MoELoraLinear)}
     hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.setdefault(n, []).append(a[0].numpy()))
              for n, m in modules.items()]
     with torch.no_grad():

@@ -89,7 +89,7 @@ def test_eq4_cost_holds_at_most_one_weight_gradient_at_a_time():
     model = adapted_model("llama")
     for p in model.parameters():
         p.requires_grad_(True)  # a hook needs it; weight_taylor freezes what it does not score
-    model.model.layers[1].mlp.up_proj.weight.requires_grad_(False)
+    model.get_base_model().model.layers[1].mlp.up_proj.weight.requires_grad_(False)
     before = [p.requires_grad for p in model.parameters()]
     peak = [0]
 

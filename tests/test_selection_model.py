@@ -55,7 +55,7 @@ def adapted_model(arch: str = "llama", seed: int = 0, dtype=torch.float32, **ove
     """A tiny model with a full-layer MoE-LoRA whose B matrices are random (so the adapter matters)."""
     model = tiny_model(arch, seed=seed, **overrides)
     torch.manual_seed(seed + 1)
-    apply_moe_lora(model, MoELoraConfig(r=4, num_experts=2, dropout=0.0))
+    model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=2, dropout=0.0))
     g = torch.Generator().manual_seed(seed + 2)
     for name, p in model.named_parameters():
         if ".lora_B." in name:
@@ -393,10 +393,6 @@ def test_end_to_end_selection_is_deterministic_for_a_seed(tmp_path):
     assert data["chosen"] == first.chosen and data["fingerprints"]["data"]["num_batches"] == 2  # 2 held out
     assert [p.name for p in tmp_path.iterdir()] == ["selection.json"]  # no temp file left
     assert Selection.from_json(path).to_dict() == first.to_dict()
-    data["timings"] = {("search" if k == "mask_search" else k): v for k, v in data["timings"].items()}
-    older = tmp_path / "older.json"  # written before Alg. 1's timing was named mask_search
-    older.write_text(json.dumps(data))
-    assert Selection.from_json(older).timings == first.timings
 
 
 def test_adapter_folder_and_separate_models_give_the_same_selection(tmp_path):
@@ -528,7 +524,7 @@ def test_top_k_out_of_range_is_refused(top_k):
 
 def test_adapter_for_another_model_is_refused(tmp_path):
     other = tiny_model("llama", hidden_size=64, intermediate_size=96)
-    apply_moe_lora(other, MoELoraConfig(r=4, num_experts=2))
+    other = apply_moe_lora(other, MoELoraConfig(r=4, num_experts=2))
     save_adapter(other, tmp_path / "adapter")
     with pytest.raises(AdapterError, match="do not fit|does not match"):
         select_layers(tiny_model("llama"), tmp_path / "adapter", make_batches(1), SelectionConfig())
@@ -571,7 +567,7 @@ def test_floe_select_cli_writes_everything_or_nothing(tmp_path, capsys):
     model_dir = save_tiny_model_folder(tmp_path / "tiny")
     data = write_alpaca_jsonl(tmp_path / "d.jsonl", 12)
     base = tiny_model("llama")
-    apply_moe_lora(base, MoELoraConfig(r=2, num_experts=2))
+    base = apply_moe_lora(base, MoELoraConfig(r=2, num_experts=2))
     save_adapter(base, tmp_path / "adapter")
     common = ["select", "--model", str(model_dir), "--adapter", str(tmp_path / "adapter"), "--data", str(data),
               "--max-length", "64", "--batch-size", "4", "--no-progress", "--set", "data.val_fraction=0",
@@ -604,7 +600,7 @@ def test_sandwich_norm_layers_use_the_projection_objective():
                                     max_position_embeddings=128, pad_token_id=0, sliding_window=8)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    apply_moe_lora(model, MoELoraConfig(r=4, num_experts=2))
+    model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=2))
     masks = MaskSet(torch.rand(4, 4) < 0.3, torch.rand(4, 48) < 0.5)
     result = tune_masks(model, make_batches(2), masks, damping=1e-2)
     assert {d["objective"] for d in result.diagnostics} == {"projection"}

@@ -22,7 +22,6 @@ _EXPORTS = {
     "save_adapter": "floe.adapters.moe_lora",
     "load_adapter": "floe.adapters.moe_lora",
     "AdapterSettings": "floe.adapters.moe_lora",
-    "peft_model": "floe.adapters.moe_lora",
     "adapters_disabled": "floe.adapters.moe_lora",
     "train": "floe.training",
     "TrainConfig": "floe.training",

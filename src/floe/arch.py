@@ -31,8 +31,13 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Return ``(qualified_name, layers)`` of the model's decoder-layer list.
 
     Found generically: the longest ``nn.ModuleList`` whose name ends in ``layers``/``h``/
-    ``blocks`` (``model.layers`` in LLaMA-style models). Raises ``ValueError`` otherwise.
+    ``blocks`` (``model.layers`` in LLaMA-style models); for a ``PeftModel``, named within the model
+    it wraps (as :func:`floe.adapters.moe_lora.moe_lora_modules` names its layers). Raises
+    ``ValueError`` otherwise.
     """
+    get_base = getattr(model, "get_base_model", None)  # a PeftModel: names in the model it wraps
+    if callable(get_base) and type(model).__module__.startswith("peft."):
+        model = get_base()
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks"):

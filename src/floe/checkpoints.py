@@ -20,17 +20,17 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from peft import PeftModel
+
 from floe.adapters.moe_lora.model import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     adapter_config,
     load_adapter,
     moe_lora_modules,
-    peft_model,
     read_weights,
     save_adapter,
 )
-from floe.adapters.naming import SAVE_KWARGS
 from floe.errors import InputError
 from floe.io import atomic_dir, atomic_write_text, share_tree
 
@@ -173,15 +173,14 @@ def is_moe_lora(model) -> bool:
 
 def _adapter_settings(model) -> dict[str, Any]:
     """The adapter's settings: MoE-LoRA's short form, or any other PEFT method's config."""
-    if peft_model(model) is None:
+    if not isinstance(model, PeftModel):
         return {"full_finetune": True}
     if is_moe_lora(model):
         return adapter_config(model).settings()
-    pm = peft_model(model)
-    return {k: v for k, v in pm.peft_config[pm.active_adapter].to_dict().items() if k != "revision"}
+    return {k: v for k, v in model.peft_config[model.active_adapter].to_dict().items() if k != "revision"}
 
 
-def run_config(cfg: Any, model) -> dict[str, Any]:
+def training_settings(cfg: Any, model) -> dict[str, Any]:
     """The settings that determine a run's result: the training ones of ``cfg`` (a ``TrainConfig``) bar
     ``NEUTRAL_KEYS``, and the adapter's."""
     settings = {"train": {k: v for k, v in asdict(cfg).items() if k not in NEUTRAL_KEYS},
@@ -191,30 +190,26 @@ def run_config(cfg: Any, model) -> dict[str, Any]:
 
 def weights_folder(out: Path, model) -> Path:
     """Where a finished run's weights go: ``adapter/``, or ``model/`` for full fine-tuning (no adapter)."""
-    return out / ("model" if peft_model(model) is None else "adapter")
+    return out / ("adapter" if isinstance(model, PeftModel) else "model")
 
 
 def save_run_adapter(model, folder: Path) -> None:
-    """Save a run's final adapter: MoE-LoRA's own files, or PEFT's for any other method (full
-    fine-tuning: the whole model, ``save_pretrained``'s safetensors)."""
-    if peft_model(model) is None:
-        atomic_dir(folder, lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True))
-    elif is_moe_lora(model):
+    """Save a run's final adapter (any PEFT method: PEFT's folder), or for full fine-tuning the whole
+    model (``save_pretrained``'s safetensors), atomically."""
+    if isinstance(model, PeftModel):
         save_adapter(model, folder)
-    else:  # another PEFT method (the pipeline's baselines): PEFT's own folder, written atomically
-        atomic_dir(folder, lambda tmp: peft_model(model).save_pretrained(str(tmp), **SAVE_KWARGS))
+    else:
+        atomic_dir(folder, lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True))
 
 
 def load_run_adapter(model, folder: Path) -> None:
-    """Load a finished run's adapter (written by :func:`save_run_adapter`) into ``model``, trainable."""
-    if peft_model(model) is None:
-        load_full_weights(model, folder)
-    elif is_moe_lora(model):
-        load_adapter(model, folder, trainable=True)
+    """Load a finished run's weights (written by :func:`save_run_adapter`) into ``model``, trainable."""
+    if is_moe_lora(model):
+        load_adapter(model, folder, trainable=True)  # FLoE's checks: same layers, rank and scaling
+    elif isinstance(model, PeftModel):  # another PEFT method (the pipeline's baselines): PEFT's loader
+        model.load_adapter(str(folder), adapter_name=model.active_adapter, is_trainable=True)
     else:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(peft_model(model), read_weights(folder / ADAPTER_WEIGHTS_NAME))
+        load_full_weights(model, folder)
 
 
 def load_full_weights(model, folder: Path) -> None:

@@ -12,6 +12,7 @@ import difflib
 import inspect
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -140,8 +141,18 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "", defaul
     A nested section starts from the default its parent declares for it, the given keys on top
     (``RunConfig.eval`` is ``EvalConfig(split="test", max_examples=120, max_new_tokens=32)``: giving
     ``eval.max_examples`` keeps ``max_new_tokens`` 32); ``default`` is that declared instance. Every
-    ``__post_init__`` check runs on the result."""
-    data = data or {}
+    ``__post_init__`` check runs on the result. A key ``cls.RENAMED`` maps to its new name is read as
+    that name, with a one-line ``FutureWarning``."""
+    data = dict(data or {})
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        if old in data:
+            at = where + "." if where else ""
+            if new in data:
+                raise ConfigError(f"both '{at}{old}' and '{at}{new}' are set: '{old}' is the old name of '{new}'; "
+                                  f"keep only '{new}'")
+            warnings.warn(f"config key '{at}{old}' is deprecated: rename it to '{at}{new}'", FutureWarning,
+                          stacklevel=2)
+            data[new] = data.pop(old)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import yaml
 
-from floe.adapters.moe_lora import AdapterSettings, apply_moe_lora
+from floe.adapters.moe_lora import AdapterSettings, apply_moe_lora, moe_lora_modules
 from floe.arch import trainable_parameter_count
 from floe.config import config_differences, to_dict
 from floe.errors import InputError
 from floe.io import atomic_write_text
 from floe.specs import DataSpec, ModelSpec, load_splits
-from floe.training import METRICS_FILE, NEUTRAL_KEYS, TrainConfig, TrainResult, clear_run, train
+from floe.checkpoints import METRICS_FILE, NEUTRAL_KEYS, clear_run
+from floe.training import TrainConfig, TrainResult, train
 
 
 @dataclass
@@ -83,7 +84,8 @@ def run_train(job: TrainJob, log=print) -> TrainResult:
     log(f"[floe] data {job.data.source}: {len(train_ds)} train / {len(eval_ds)} validation examples "
         f"({time.perf_counter() - t0:.1f}s)")
     adapter_cfg = dataclasses.replace(job.adapter, base_model_name_or_path=job.model.name)
-    wrapped = apply_moe_lora(model, adapter_cfg, seed=job.train.seed)
+    model = apply_moe_lora(model, adapter_cfg, seed=job.train.seed)
+    wrapped = list(moe_lora_modules(model))
     layers = sorted({int(n.split(".")[-3]) for n in wrapped})
     trainable, total = trainable_parameter_count(model)
     log(f"[floe] MoE-LoRA r={adapter_cfg.r} M={adapter_cfg.num_experts} on {len(wrapped)} modules in "

@@ -128,6 +128,24 @@ def load_model(
     return model, tokenizer
 
 
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL, online: bool | None = None,
+                   trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """The tokenizer (with a pad token, as :func:`load_model` gives it) and the transformers config of a
+    model, without loading its weights: what a job needs before its first stage that runs the model."""
+    online = _resolve_online(online)
+    _apply_offline_mode(online)
+    source = _resolve_source(str(name_or_path), online)
+    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=not online)
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise _load_error(str(name_or_path), source, online, err) from err
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, config
+
+
 # ----------------------------------------------------------------------------- resolution
 
 def _looks_like_path(name: str) -> bool:

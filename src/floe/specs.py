@@ -46,14 +46,23 @@ class DataSpec:
     """Cut over-long prompts from the left instead of failing (the response is never cut)."""
 
 
-def load_splits(spec: DataSpec, tokenizer):
-    """Tokenised (train, validation) datasets for a data spec."""
+def split_options(spec: DataSpec) -> dict:
+    """The options of :func:`floe.data.load_records` that decide which examples a split holds: the one
+    mapping of a data spec onto the loader, so every job and stage draws the same split."""
+    return dict(seed=spec.seed, max_per_task=spec.max_per_task, val_fraction=spec.val_fraction,
+                test_fraction=spec.test_fraction, on_error=spec.on_error)
+
+
+def load_split(spec: DataSpec, tokenizer, split: str, max_examples: int | None):
+    """One tokenised split of a data spec (the training split takes ``spec.fraction``), at most ``max_examples``."""
     from floe.data import load_data
 
-    common = dict(max_length=spec.max_length, seed=spec.seed, max_per_task=spec.max_per_task,
-                  val_fraction=spec.val_fraction, test_fraction=spec.test_fraction, on_error=spec.on_error,
-                  truncate_prompt=spec.truncate_prompt)
-    train_ds = load_data(spec.source, tokenizer, split="train", fraction=spec.fraction,
-                         max_examples=spec.max_train_examples, **common)
-    eval_ds = load_data(spec.source, tokenizer, split="validation", max_examples=spec.max_eval_examples, **common)
-    return train_ds, eval_ds
+    return load_data(spec.source, tokenizer, split=split, max_length=spec.max_length,
+                     truncate_prompt=spec.truncate_prompt, max_examples=max_examples,
+                     **({"fraction": spec.fraction} if split == "train" else {}), **split_options(spec))
+
+
+def load_splits(spec: DataSpec, tokenizer):
+    """Tokenised (train, validation) datasets for a data spec."""
+    return (load_split(spec, tokenizer, "train", spec.max_train_examples),
+            load_split(spec, tokenizer, "validation", spec.max_eval_examples))

@@ -19,29 +19,25 @@ from typing import Any
 
 import torch
 import transformers
+from peft import PeftModel
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from floe.adapters.moe_lora.model import adapter_config, peft_model, router_aux_loss
+from floe.adapters.moe_lora.model import adapter_config, router_aux_loss
 from floe.arch import trainable_parameter_count
-from floe.checkpoints import (  # re-exported: floe.training is where callers import them from
+from floe.checkpoints import (
     METRICS_FILE,
-    NEUTRAL_KEYS,
-    RECORD_FILE,
     RunRecord,
-    clear_run,
-    complete_checkpoints,
     is_moe_lora,
     load_run_adapter,
     prepare_output,
-    run_config,
+    training_settings,
     save_run_adapter,
     weights_folder,
 )
 from floe.errors import InputError
 from floe.io import atomic_write_text
 
-__all__ = ["METRICS_FILE", "NEUTRAL_KEYS", "RECORD_FILE", "MoELoraTrainer", "TrainConfig", "TrainResult",
-           "clear_run", "complete_checkpoints", "run_config", "train"]
+__all__ = ["MoELoraTrainer", "TrainConfig", "TrainResult", "train"]
 
 logger = logging.getLogger("floe.training")
 
@@ -130,7 +126,7 @@ class TrainResult:
     total_params: int
     adapter_dir: str | None
     run_config: dict[str, Any] = field(default_factory=dict)
-    """The training and adapter settings that determine the result (see ``run_config``)."""
+    """The training and adapter settings that determine the result (see ``floe.checkpoints.training_settings``)."""
     best_step: int | None = None
     """keep_best: the step of the lowest validation loss (0: the untrained adapter)."""
     best_eval_loss: float | None = None
@@ -276,15 +272,15 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
     from floe.data import DataCollator
 
     cfg = config or TrainConfig()
-    if full and peft_model(model) is not None:
+    if full and isinstance(model, PeftModel):
         raise ValueError("train(full=True) fine-tunes the model itself, but it has an adapter attached")
-    if not full and peft_model(model) is None:
-        raise ValueError("train() needs a model with an adapter: call floe.apply_moe_lora(model, MoELoraConfig(...)) "
-                         "or peft.get_peft_model(model, floe.MoELoraConfig(...)) (any PEFT config works) first")
+    if not full and not isinstance(model, PeftModel):
+        raise ValueError("train() needs a PeftModel: pass what floe.apply_moe_lora(model, MoELoraConfig(...)) or "
+                         "peft.get_peft_model(model, floe.MoELoraConfig(...)) (any PEFT config works) returns")
     if len(train_data) == 0:
         raise InputError("train() got an empty training set")
     out = Path(cfg.output_dir)
-    settings = run_config(cfg, model)
+    settings = training_settings(cfg, model)
     finished, resume_from, record = prepare_output(out, settings, cfg.resume, cfg.overwrite)
     if finished is not None:
         logger.warning("%s holds a finished run of these settings: not training again (overwrite: true "
@@ -298,7 +294,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig | No
     args = _training_args(cfg, eval_data is not None)
     timer = _StepTimer()
     trainer = MoELoraTrainer(
-        model=model if full else peft_model(model),
+        model=model,
         args=args,
         train_dataset=train_data,
         eval_dataset=eval_data,

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = ("AdapterSettings", "MoELoraConfig", "MoELoraLinear", "adapters_disabled", "apply_moe_lora",
-            "load_adapter", "moe_lora_modules", "peft_model", "router_aux_loss", "save_adapter")
+            "load_adapter", "moe_lora_modules", "router_aux_loss", "save_adapter")
 __all__ = list(_EXPORTS)
 
 

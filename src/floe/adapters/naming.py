@@ -35,6 +35,8 @@ def attach(model: nn.Module, config: Any) -> Any:
     name = config.base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_RENAMED)
+        # PEFT 0.21 asks transformers 5 a deprecated name; not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         wrapper = get_peft_model(model, config)
     if name:
         for cfg in wrapper.peft_config.values():

@@ -81,8 +81,9 @@ class EvalConfig:
 
 def _split_records(source: str, data, split: str, max_examples: int | None = None) -> list[Record]:
     """One split of ``source``, made as training makes it from the data spec ``data``."""
-    return load_records(source, split=split, seed=data.seed, max_examples=max_examples, max_per_task=data.max_per_task,
-                        val_fraction=data.val_fraction, test_fraction=data.test_fraction, on_error=data.on_error)
+    from floe.specs import split_options
+
+    return load_records(source, split=split, max_examples=max_examples, **split_options(data))
 
 
 def _progress(enabled: bool, total: int, desc: str):

@@ -111,7 +111,7 @@ def run_job(job: EvalJob, log=print) -> dict[str, Any]:
                              f"floe train (<output_dir>/adapter), or omit --adapter for the base model.")
     model, tokenizer = load_model(job.model.name, dtype=job.model.dtype, device="auto")
     if job.adapter_dir:
-        load_adapter(model, job.adapter_dir)
+        model = load_adapter(model, job.adapter_dir)
     log(f"[floe] model {job.model.name}" + (f" + adapter {job.adapter_dir}" if job.adapter_dir else "")
         + f": loaded in {time.perf_counter() - t0:.1f}s")
     result = evaluate(model, tokenizer, job.data.source, job.eval, data=job.data)

@@ -3,7 +3,7 @@
 ``lora`` (rank r), ``dora`` (LoRA with DoRA's magnitude vector), ``adalora`` (AdaLoRA: starts
 at rank 1.5·r and prunes to an average of r by importance, over the run's steps) and
 ``fim_lora`` (LoRA with FIM-LoRA's per-matrix ``rank_pattern``, average r; docs/fim-lora.md) are
-attached with ``peft.get_peft_model`` in place, as ``apply_moe_lora`` attaches MoE-LoRA.
+attached with ``peft.get_peft_model``, as ``apply_moe_lora`` attaches MoE-LoRA, and return its ``PeftModel``.
 ``prompt_tuning`` and ``p_tuning`` put trained virtual tokens before the input: PEFT's wrapper
 then runs the model, so evaluation goes through :class:`VirtualTokens`. One training loop
 (``floe.train``) serves every method.
@@ -17,7 +17,6 @@ from torch import nn
 from transformers import TrainerCallback
 
 from floe.adapters.moe_lora import AdapterSettings
-from floe.adapters.moe_lora.model import _PEFT_ATTR, peft_model
 from floe.adapters.naming import attach
 from floe.arch import trainable_parameter_count
 
@@ -50,14 +49,13 @@ def peft_config(method: str, settings: AdapterSettings, layers: list[int] | None
 
 
 def attach_peft(model, method: str, settings: AdapterSettings, layers: list[int] | None, total_steps: int,
-                seed: int, **kwargs: Any) -> None:
-    """Attach ``method``'s adapter to ``model`` in place, initialised from ``seed``."""
+                seed: int, **kwargs: Any):
+    """``method``'s adapter on ``model``, initialised from ``seed``: the ``PeftModel``."""
     config = peft_config(method, settings, layers, total_steps, **kwargs)
     config.base_model_name_or_path = settings.base_model_name_or_path
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        wrapper = attach(model, config)  # get_peft_model, keeping the base model's name
-    model.__dict__[_PEFT_ATTR] = wrapper  # floe.train finds the PeftModel as it finds MoE-LoRA's
+        return attach(model, config)  # get_peft_model, keeping the base model's name
 
 
 def unfreeze_all(model) -> None:
@@ -67,8 +65,8 @@ def unfreeze_all(model) -> None:
 
 
 def trainable_counts(model) -> tuple[int, int]:
-    """(trainable, total) parameters of ``model`` with its adapter, virtual tokens included."""
-    return trainable_parameter_count(peft_model(model) or model)
+    """(trainable, total) parameters of ``model`` (a ``PeftModel``: virtual tokens included)."""
+    return trainable_parameter_count(model)
 
 
 class VirtualTokens(nn.Module):
@@ -106,8 +104,8 @@ class VirtualTokens(nn.Module):
 
 
 def for_evaluation(model, method: str):
-    """What :func:`floe.evaluate` should call for a model trained by ``method``."""
-    return VirtualTokens(peft_model(model)) if method in PROMPT_METHODS else model
+    """What :func:`floe.evaluate` should call for a model (its ``PeftModel``) trained by ``method``."""
+    return VirtualTokens(model) if method in PROMPT_METHODS else model
 
 
 class AdaLoraSchedule(TrainerCallback):
@@ -115,7 +113,7 @@ class AdaLoraSchedule(TrainerCallback):
     step (gradients still there), before they are zeroed."""
 
     def __init__(self, model) -> None:
-        self.peft = peft_model(model)
+        self.peft = model
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.peft.base_model.update_and_allocate(state.global_step)

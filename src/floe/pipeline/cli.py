@@ -11,7 +11,7 @@ RUN_FLAGS: FlagTable = {
     "--method": ("method", {"help": "the method to run, one of the methods listed above (default floe)"}),
     "--k": ("k", {"type": int, "help": "layers adapted (or trainable at a time, lisa)"}),
     "--seed": ("seed", {"type": int, "help": "seed of adapter init, data order, dropout and layer draws"}),
-    "--warmup-steps": ("warmup.max_steps", {"type": int, "help": "optimizer steps of the warm-up (floe)"}),
+    "--warmup-steps": ("warmup_run.max_steps", {"type": int, "help": "optimizer steps of the warm-up (floe)"}),
     "--eval-examples": ("eval.max_examples", {"type": int, "help": "test examples evaluated"}),
     "--compare": ("compare", {"help": "methods run beside --method, comma-separated ('' for none)"}),
     "--output-dir": ("output_dir", {"help": "where run.json, the stages and the report go"}),

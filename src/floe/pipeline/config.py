@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from floe.adapters.moe_lora import AdapterSettings
 from floe.errors import InputError
@@ -94,8 +95,8 @@ class RunConfig:
     """MoE-LoRA rank r, experts M, targets (its layers are set by the method)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimiser and schedule of the final training (output_dir and seed are set by the run)."""
-    warmup: WarmupSpec = field(default_factory=WarmupSpec)
-    """The warm-up run (method floe only)."""
+    warmup_run: WarmupSpec = field(default_factory=WarmupSpec)
+    """The warm-up run whose adapter the selection reads (method floe only; not train.warmup_ratio)."""
     select: SelectSpec = field(default_factory=SelectSpec)
     """Layer selection (method floe only)."""
     lisa_interval: int = 20
@@ -118,6 +119,9 @@ class RunConfig:
     """Where run.json, the stage folders and the report go."""
     stage_root: str = ""
     """Folder of the cached stages ('' = <output_dir>/stages); runs that share it share equal stages."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"warmup": "warmup_run"}
+    """Old config keys still read, with a deprecation warning."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -41,6 +41,14 @@ def random_layers(num_layers: int, k: int, seed: int) -> list[int]:
     return sorted(random.Random(f"random-layers/{seed}").sample(range(num_layers), k))
 
 
+def fixed_layers(method: str, num_layers: int, k: int, seed: int) -> list[int] | None:
+    """The layers a method that needs no selection adapts: ``first``, ``last``, ``spread``, ``random``;
+    None (every layer) for the rest."""
+    choose = {"first": lambda: first_layers(num_layers, k), "last": lambda: last_layers(num_layers, k),
+              "spread": lambda: spread_layers(num_layers, k), "random": lambda: random_layers(num_layers, k, seed)}
+    return choose[method]() if method in choose else None
+
+
 def lisa_draw(num_layers: int, k: int, seed: int, draw: int) -> list[int]:
     """LISA's ``draw``-th set of k active layers (a function of seed and draw index, so a resumed
     run draws what an uninterrupted one would)."""

@@ -1,6 +1,7 @@
-"""``floe run`` / :func:`floe.run`: warm-up → layer selection → training → evaluation → run.json.
+"""``floe run`` / :func:`floe.run`: [search →] warm-up → layer selection → training → evaluation → run.json.
 
-Each stage is cached by the fingerprint of its inputs (:mod:`floe.pipeline.stages`): the same
+:func:`run` reads top to bottom: each stage is a method of :class:`_Run` that takes what it needs
+and returns what it made. Each stage is cached by the fingerprint of its inputs (:mod:`floe.pipeline.stages`): the same
 config skips finished stages, a killed training resumes from its checkpoint, and a changed field
 re-runs exactly the stages downstream of it. Methods in ``compare`` run beside ``method`` on the
 same data, split, seed and steps, so the run ends with a like-for-like comparison.
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from floe.adapters.moe_lora import apply_moe_lora, load_adapter
-from floe.arch import decoder_layers
+from floe.arch import text_config
 from floe.config import to_dict
 from floe.io import atomic_write_text
 from floe.pipeline import layers as L
@@ -21,21 +22,24 @@ from floe.pipeline.config import METHODS, RunConfig
 from floe.pipeline.stages import Stage, run_stage
 from floe.pipeline.summary import format_summary, headline
 from floe.provenance import package_versions
-from floe.training import NEUTRAL_KEYS
+from floe.checkpoints import NEUTRAL_KEYS
 
 Log = Callable[[str], None]
 
 
 class _Run:
-    """What every stage of one run shares: the config, the tokenizer, the splits, the stage root."""
+    """What every stage of one run shares: the config, the tokenizer, the splits, the stage root.
+
+    The model's weights are loaded only by the stages that run it (once each); here the tokenizer and
+    the model's config (its layer count) are enough."""
 
     def __init__(self, cfg: RunConfig, log: Log) -> None:
+        from floe.models import load_tokenizer
         from floe.specs import load_splits
-        from floe.models import load_model
 
         self.cfg, self.log = cfg, log
-        model, self.tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype)  # input errors surface here
-        self.num_layers = len(decoder_layers(model)[1])
+        self.tokenizer, model_config = load_tokenizer(cfg.model.name)  # input errors surface here
+        self.num_layers = int(text_config(model_config).num_hidden_layers)
         for method in self.methods:
             if METHODS[method][0]:
                 L.check_k(cfg.k, self.num_layers)
@@ -45,8 +49,9 @@ class _Run:
         self.root = Path(cfg.stage_root or Path(cfg.output_dir) / "stages")
         self.trained: dict[str, Any] = {}  # method (or "method/best") → its model, trained or loaded in this process
         self.stages: dict[str, dict[str, Any]] = {}  # "method/stage" → what run.json records
-        self.searched: dict[str, int] = {}  # r and num_experts found by the search stage (when enabled)
+        self.searched: dict[str, int] = {}  # r and num_experts of the search stage, set by run() when enabled
         self.search_stage: Stage | None = None
+        self._sample: tuple[Any, Any] | None = None
         self.common = {"model": to_dict(cfg.model), "data": to_dict(cfg.data), "seed": cfg.seed,
                        "adapter": {k: v for k, v in to_dict(cfg.adapter).items() if k not in ("layers", "base_model_name_or_path")},
                        "train": {k: v for k, v in to_dict(cfg.train).items() if k not in NEUTRAL_KEYS | {"seed"}}}
@@ -56,9 +61,20 @@ class _Run:
         return list(dict.fromkeys([self.cfg.method, *self.cfg.compare]))
 
     def base_model(self):
+        """A fresh base model: each stage that runs the model loads it once."""
         from floe.models import load_model
 
         return load_model(self.cfg.model.name, dtype=self.cfg.model.dtype)[0]
+
+    def sample(self) -> tuple[Any, Any]:
+        """(train, validation) of the warm-up sample (``warmup_run.fraction`` of the training split), which
+        the search and the warm-up train on; built once."""
+        from floe.specs import load_splits
+
+        if self._sample is None:
+            self._sample = load_splits(dataclasses.replace(self.cfg.data, fraction=self.cfg.warmup_run.fraction),
+                                       self.tokenizer)
+        return self._sample
 
     @property
     def adapter(self):
@@ -66,9 +82,9 @@ class _Run:
         adapter records the model as the config names it (not the folder it was loaded from)."""
         return dataclasses.replace(self.cfg.adapter, base_model_name_or_path=self.cfg.model.name, **self.searched)
 
-    def attach(self, model, layers: list[int] | None) -> None:
-        adapter = dataclasses.replace(self.adapter, layers=layers)
-        apply_moe_lora(model, adapter, seed=self.cfg.seed)
+    def attach(self, model, layers: list[int] | None):
+        """MoE-LoRA on ``layers`` of ``model`` (None: all), initialised from the run's seed: the PeftModel."""
+        return apply_moe_lora(model, dataclasses.replace(self.adapter, layers=layers), seed=self.cfg.seed)
 
     def searched_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """A training stage's cache key with the r and M it trains with: the searched pair replaces the config's
@@ -92,18 +108,18 @@ class _Run:
     # ------------------------------------------------------------------ stages
 
     def warmup(self) -> Stage:
-        from floe.specs import load_splits
+        """The warm-up run: full-layer MoE-LoRA on the sample (paper §3.1); its adapter is what selection reads."""
         from floe.training import train
 
-        stage = Stage("warmup", self.searched_inputs({**self.common, "warmup": to_dict(self.cfg.warmup)}), self.root)
+        # "warmup" in the cache key is the section's old name: recorded stages keep their fingerprints
+        stage = Stage("warmup", self.searched_inputs({**self.common, "warmup": to_dict(self.cfg.warmup_run)}),
+                      self.root)
 
         def work(folder: Path) -> dict[str, Any]:
-            data = dataclasses.replace(self.cfg.data, fraction=self.cfg.warmup.fraction)
-            train_ds, val_ds = load_splits(data, self.tokenizer)
-            model = self.base_model()
-            self.attach(model, None)
+            train_ds, val_ds = self.sample()
+            model = self.attach(self.base_model(), None)
             res = train(model, self.tokenizer, train_ds, val_ds,
-                        self.train_config(folder, max_steps=self.cfg.warmup.max_steps, num_epochs=1.0))
+                        self.train_config(folder, max_steps=self.cfg.warmup_run.max_steps, num_epochs=1.0))
             return {"examples": len(train_ds), "final_eval_loss": res.final_eval_loss, "steps": res.steps,
                     "train_seconds": res.train_seconds}
 
@@ -111,19 +127,19 @@ class _Run:
         return stage
 
     def select(self, warm: Stage) -> list[int]:
-        from floe.data import DataCollator, iter_batches, load_data
+        """FLoE's layer selection on the warm-up adapter (paper §3.2-3.3): the k chosen layers."""
+        from floe.data import DataCollator, iter_batches
         from floe.selection import select_layers
-        from floe.selection.cli import write_outputs
+        from floe.selection.outputs import write_outputs
+        from floe.specs import load_split
 
         spec = self.cfg.select
         stage = Stage("select", {"warmup": warm.fingerprint, "select": to_dict(spec), "k": self.cfg.k}, self.root)
 
         def work(folder: Path) -> dict[str, Any]:
             d = self.cfg.data
-            ds = load_data(d.source, self.tokenizer, split="train", max_length=d.max_length,
-                           fraction=self.cfg.warmup.fraction, seed=d.seed, max_examples=spec.max_examples,
-                           max_per_task=d.max_per_task, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-                           on_error=d.on_error, truncate_prompt=d.truncate_prompt)
+            ds = load_split(dataclasses.replace(d, fraction=self.cfg.warmup_run.fraction), self.tokenizer, "train",
+                            spec.max_examples)
             batches = list(iter_batches(ds, spec.batch_size, DataCollator(self.tokenizer)))
             sel = select_layers(self.base_model(), warm.dir / "adapter", batches,
                                 dataclasses.replace(spec.config, top_k=self.cfg.k))
@@ -137,14 +153,6 @@ class _Run:
         if note:
             self.log(f"[floe] {note}")
         return chosen
-
-    def layers(self, method: str) -> list[int] | None:
-        """The layers ``method`` puts MoE-LoRA on (None: all)."""
-        n, k, seed = self.num_layers, self.cfg.k, self.cfg.seed
-        choose = {"first": lambda: L.first_layers(n, k), "last": lambda: L.last_layers(n, k),
-                  "spread": lambda: L.spread_layers(n, k), "random": lambda: L.random_layers(n, k, seed),
-                  "floe": lambda: self.select(self.warmup())}
-        return choose[method]() if method in choose else None
 
     def train(self, method: str, layers: list[int] | None) -> Stage:
         from floe.pipeline.baselines import PEFT_METHODS, PROMPT_METHODS, trainable_counts
@@ -162,8 +170,7 @@ class _Run:
         stage = Stage("train", self.searched_inputs(inputs), self.root)
 
         def work(folder: Path) -> dict[str, Any]:
-            model = self.base_model()
-            callbacks = self.prepare(model, method, layers, allocation)
+            model, callbacks = self.prepare(self.base_model(), method, layers, allocation)
             adapter, total = trainable_counts(model)
             per_step = adapter * self.cfg.k // self.num_layers if lisa else adapter
             self.log(f"[floe] {method}: {per_step:,} trainable of {total:,} parameters ({100 * per_step / total:.3f}%)"
@@ -177,21 +184,22 @@ class _Run:
         self.record(f"{method}/train", *run_stage(stage, work, self.log, f"{method}/train"))
         return stage
 
-    def prepare(self, model, method: str, layers: list[int] | None, allocation: Stage | None) -> list:
-        """Attach ``method``'s adapter to ``model`` (or unfreeze it: ``full``); the callbacks its training needs."""
+    def prepare(self, model, method: str, layers: list[int] | None, allocation: Stage | None) -> tuple[Any, list]:
+        """``method``'s adapter on ``model`` (its PeftModel; ``full``: the model, unfrozen) and the callbacks its
+        training needs."""
         from floe.pipeline.baselines import PEFT_METHODS, AdaLoraSchedule, attach_peft, unfreeze_all
         from floe.pipeline.lisa import LisaCallback
 
         if method == "full":
             unfreeze_all(model)
-            return []
+            return model, []
         if method in PEFT_METHODS:
             alloc = json.loads((allocation.dir / "allocation" / "adapter_config.json").read_text()) if allocation else None
-            attach_peft(model, method, self.adapter, layers, self.total_steps(), self.cfg.seed,
-                        virtual_tokens=self.cfg.virtual_tokens, allocation=alloc)
-            return [AdaLoraSchedule(model)] if method == "adalora" else []
-        self.attach(model, layers)
-        return [LisaCallback(model, self.cfg.k, self.cfg.lisa_interval, self.cfg.seed)] if method == "lisa" else []
+            peft = attach_peft(model, method, self.adapter, layers, self.total_steps(), self.cfg.seed,
+                               virtual_tokens=self.cfg.virtual_tokens, allocation=alloc)
+            return peft, [AdaLoraSchedule(peft)] if method == "adalora" else []
+        peft = self.attach(model, layers)
+        return peft, [LisaCallback(peft, self.cfg.k, self.cfg.lisa_interval, self.cfg.seed)] if method == "lisa" else []
 
     def allocate(self) -> Stage:
         """FIM-LoRA (docs/fim-lora.md): per-matrix ranks of average r from calibration gradients on the base model."""
@@ -213,19 +221,18 @@ class _Run:
         self.record("fim_lora/allocate", *run_stage(stage, work, self.log, "fim_lora/allocate"))
         return stage
 
-    def search(self) -> None:
-        """Bayesian search of (r, M) on full-layer MoE-LoRA over the warm-up sample (paper §3.4, docs/search.md);
-        the best pair replaces ``adapter.r`` and ``adapter.num_experts`` of every method trained after it."""
-        from floe.specs import load_splits
+    def search(self) -> tuple[Stage, dict[str, int]]:
+        """Bayesian search of (r, M) on full-layer MoE-LoRA over the warm-up sample (paper §3.4, docs/search.md):
+        the stage and the best pair, which replaces ``adapter.r`` and ``adapter.num_experts`` of every method
+        trained after it (:func:`run` sets it)."""
         from floe.search import make_training_objective, search_rank
 
         spec = self.cfg.search
-        stage = Stage("search", {**self.common, "fraction": self.cfg.warmup.fraction, "search": to_dict(spec)},
+        stage = Stage("search", {**self.common, "fraction": self.cfg.warmup_run.fraction, "search": to_dict(spec)},
                       self.root)
 
         def work(folder: Path) -> dict[str, Any]:
-            data = dataclasses.replace(self.cfg.data, fraction=self.cfg.warmup.fraction)
-            train_ds, val_ds = load_splits(data, self.tokenizer)
+            train_ds, val_ds = self.sample()
             objective = make_training_objective(
                 self.base_model, self.tokenizer, train_ds, val_ds,
                 dataclasses.replace(self.train_config(folder), max_steps=spec.steps),
@@ -241,13 +248,11 @@ class _Run:
 
         record, cached = run_stage(stage, work, self.log)
         self.record("search", record, cached)
-        self.search_stage = stage
-        self.searched = {"r": int(record["result"]["r"]), "num_experts": int(record["result"]["num_experts"])}
+        return stage, {"r": int(record["result"]["r"]), "num_experts": int(record["result"]["num_experts"])}
 
     def trained_model(self, method: str, trained: Stage, which: str = "final"):
         """The model ``method`` trained, with its final adapter (kept in memory when trained in this process)
         or its best one (``train.keep_best``: the lowest validation loss), loaded from the stage folder."""
-        from floe.adapters.moe_lora.model import _PEFT_ATTR
         from floe.pipeline.baselines import PEFT_METHODS
         from floe.training import BEST_DIR
 
@@ -263,9 +268,9 @@ class _Run:
         elif method in PEFT_METHODS:
             from peft import PeftModel
 
-            model.__dict__[_PEFT_ATTR] = PeftModel.from_pretrained(model, str(folder))
+            model = PeftModel.from_pretrained(model, str(folder))
         else:
-            load_adapter(model, folder)
+            model = load_adapter(model, folder)
         self.trained[key] = model
         return model
 
@@ -336,10 +341,10 @@ def run(config: RunConfig, log: Log = print) -> dict[str, Any]:
 
     r = _Run(config, log)
     if config.search.enabled:
-        r.search()
+        r.search_stage, r.searched = r.search()
     methods: dict[str, Any] = {}
     for method in r.methods:
-        layers = r.layers(method)
+        layers = r.select(r.warmup()) if method == "floe" else L.fixed_layers(method, r.num_layers, config.k, config.seed)
         trained = r.train(method, layers)
         scores = r.evaluate(method, trained)
         t = r.stages[f"{method}/train"]["result"]

@@ -109,9 +109,9 @@ def make_training_objective(
         )
         model = None
         try:
-            model = model_factory()
             torch.manual_seed(cfg.seed)  # same adapter initialisation stream for every (r, M)
-            apply_moe_lora(model, dataclasses.replace(base_adapter, r=r, num_experts=num_experts, layers=layer_list))
+            model = apply_moe_lora(model_factory(), dataclasses.replace(base_adapter, r=r, num_experts=num_experts,
+                                                                          layers=layer_list))
             result = train(model, tokenizer, train_data, eval_data, cfg,
                            callbacks=[_ReportCallback(report, train_config.max_steps)])
             value = result.final_eval_loss

@@ -28,7 +28,7 @@ from floe.selection.layer_score import cost_adjusted_scores, fisher_share, rank_
 from floe.selection.masks import unit_geometry
 from floe.selection.scorer_table import SCORERS, Evidence
 from floe.selection.stability import stability_analysis
-from floe.selection.stages import Measure, progress
+from floe.selection.algorithm import Measure, progress
 from floe.selection.taylor import weight_taylor
 
 __all__ = ["Selection", "SelectionConfig", "select_layers"]

@@ -18,10 +18,8 @@ from floe.errors import InputError
 from floe.flags import COMMON_FLAGS, FlagTable, add_job_command, job_from_args, shared
 from floe.pipeline.layers import position_note
 from floe.selection.api import Selection, SelectionConfig
-from floe.specs import DataSpec, ModelSpec
-
-OUTPUT_FILES = ("selection.json", "masks.safetensors", "layer_importance.png", "stability.png")
-
+from floe.selection.outputs import write_outputs
+from floe.specs import DataSpec, ModelSpec, load_split
 
 @dataclass
 class SelectJob:
@@ -161,28 +159,6 @@ def format_table(sel: Selection) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(sel: Selection, out: Path, title: str = "") -> list[Path]:
-    """Write every output into a temp folder first, then move them all into ``out`` (its other
-    files stay: :func:`floe.io.atomic_dir` with ``existing="merge"``)."""
-    from floe.io import atomic_dir
-    from floe.selection.plots import plot_layer_heatmap
-    from floe.selection.stability import StabilityResult, plot_stability
-
-    names: list[str] = []
-
-    def write(tmp: Path) -> None:
-        sel.to_json(tmp / "selection.json")
-        sel.save_masks(tmp / "masks.safetensors")
-        plot_layer_heatmap(sel.head_importance, sel.neuron_importance, sel.scores, sel.chosen,
-                           tmp / "layer_importance.png", title=title)
-        if sel.stability:
-            plot_stability(StabilityResult(**sel.stability), tmp / "stability.png", title=title)
-        names.extend(name for name in OUTPUT_FILES if (tmp / name).exists())
-
-    atomic_dir(out, write, existing="merge")
-    return [out / name for name in names]
-
-
 def run_select(args: argparse.Namespace) -> int:
     """Entry point of ``floe select`` (returns the exit status)."""
     from floe.config import describe
@@ -196,7 +172,7 @@ def run_select(args: argparse.Namespace) -> int:
 def _run(job: SelectJob) -> int:
     from floe.adapters.moe_lora import read_adapter_config
     from floe.config import to_dict
-    from floe.data import DataCollator, iter_batches, load_data
+    from floe.data import DataCollator, iter_batches
     from floe.distributed import rank_and_world, wait_for_everyone
     from floe.models import ModelUnavailableError, load_model
     from floe.selection.api import select_layers
@@ -217,10 +193,7 @@ def _run(job: SelectJob) -> int:
         say(f"[floe] note: the adapter was trained on {adapter_cfg.base_model_name_or_path!r}, "
             f"selecting on {job.model.name!r} (shapes are checked)")
     d = job.data
-    dataset = load_data(d.source, tokenizer, split="train", max_length=d.max_length, fraction=d.fraction,
-                        seed=d.seed, max_examples=d.max_train_examples, max_per_task=d.max_per_task,
-                        val_fraction=d.val_fraction, test_fraction=d.test_fraction, on_error=d.on_error,
-                        truncate_prompt=d.truncate_prompt)
+    dataset = load_split(d, tokenizer, "train", d.max_train_examples)
     batches = list(iter_batches(dataset, job.batch_size, DataCollator(tokenizer)))
     say(f"[floe] {len(dataset)} examples in {len(batches)} batches of {job.batch_size}"
         + (f" on {world} processes" if world > 1 else ""))

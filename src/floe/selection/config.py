@@ -23,8 +23,6 @@ FORMAT = "floe-selection/1"
 REFINE_METHODS = ("paper", "block", "none")
 TAYLOR_FORMS = ("weights", "mask")
 FISHER_FORMS = ("example", "batch")
-LEGACY_TIMINGS = {"search": "mask_search"}
-"""Timing keys of older ``selection.json`` files → today's."""
 
 
 @dataclass
@@ -36,8 +34,8 @@ class SelectionConfig:
     top_k: int | float = 0.25
     """Layers to choose: a count (int in 1..L) or a fraction of the layers (float in (0, 1])."""
     mask_rule: str = "fisher_top"
-    """Reading of Alg. 1: fisher_top (mask the largest Fisher; the default, chosen by docs/results.md's rule),
-    paper (mask the smallest, the paper's wording), kwon (keep the largest)."""
+    """Reading of Alg. 1: fisher_top (mask the largest Fisher, which on SmolLM2 picks low layers, 0-10; the
+    default, by docs/results.md's rule), paper (mask the smallest: picks the top layers), kwon (keep the largest)."""
     scorer: str = "floe"
     """floe (full pipeline), an ablation scorer (fisher, taylor, grad_norm, random, fim_variance) or one from a
     published anchor (lora_drop, ablation, ablation_greedy, spectrum, cka, alpha; docs/selection.md)."""
@@ -175,8 +173,6 @@ class Selection:
         if data.pop("format", None) != FORMAT:
             raise SelectionError(f"{path} is not a FLoE selection file (format {FORMAT!r} expected)")
         known = {f.name for f in fields(cls)}
-        # files written before the Alg. 1 timing was named "mask_search" call it "search"
-        data["timings"] = {LEGACY_TIMINGS.get(k, k): v for k, v in data.get("timings", {}).items()}
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save_masks(self, path: str | os.PathLike) -> Path | None:

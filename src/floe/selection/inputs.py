@@ -35,9 +35,18 @@ def check_top_k(top_k: int | float, num_layers: int) -> None:
                              f"choose 1..{num_layers} or a fraction in (0, 1]")
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 def resolve_models(model: nn.Module,
                    adapted: nn.Module | str | os.PathLike | None) -> tuple[nn.Module, nn.Module, dict]:
-    """``(base, adapted, adapter fingerprint)``; loads an adapter folder into ``model``."""
+    """``(base, adapted, adapter fingerprint)``; loads an adapter folder into ``model``. A ``PeftModel`` given
+    for either is read through the model it wraps (selection names layers and modules as the base model does)."""
+    model = _unwrap(model)
+    adapted = adapted if isinstance(adapted, (str, os.PathLike)) or adapted is None else _unwrap(adapted)
     if adapted is None:
         if not moe_lora_modules(model):
             raise SelectionError("select_layers needs the warm-up (full-layer MoE-LoRA) adapter: pass its "

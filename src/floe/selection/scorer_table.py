@@ -37,7 +37,7 @@ from floe.selection.anchor_scorers import (
 from floe.selection.importance import MaskGradients
 from floe.selection.layer_score import top_k
 from floe.selection.spectral_scorers import alpha_layer_scores, spectrum_layer_scores
-from floe.selection.stages import Measure, run_stages
+from floe.selection.algorithm import Measure, run_stages
 
 if TYPE_CHECKING:
     from floe.selection.config import SelectionConfig

@@ -14,7 +14,7 @@ _EXPORTS = {
     **{name: "model" for name in (
         "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "AdapterError", "MoELoraView", "adapter_config",
         "adapter_state_dict", "adapters_disabled", "apply_moe_lora", "load_adapter", "moe_lora_modules",
-        "peft_model", "read_adapter_config", "router_aux_loss", "save_adapter")},
+        "read_adapter_config", "router_aux_loss", "save_adapter")},
     "convert_adapter": "convert",
 }
 __all__ = sorted(_EXPORTS)

@@ -1,9 +1,10 @@
 """FLoE's helpers around a PEFT model carrying MoE-LoRA (injection, saving and loading are PEFT's).
 
-``apply_moe_lora(model, cfg)`` runs ``peft.get_peft_model`` on ``model`` (which PEFT adapts in
-place) after checks with FLoE's error messages, and keeps the ``PeftModel`` with it
-(:func:`peft_model`), so code holding the plain model keeps working. Folders are PEFT's
-(``adapter_config.json`` + ``adapter_model.safetensors``).
+``apply_moe_lora(model, cfg)`` is ``peft.get_peft_model`` after checks with FLoE's error
+messages; like it, it adapts ``model`` in place and returns the ``PeftModel``, the object to
+train, save and evaluate. ``load_adapter`` is ``PeftModel.from_pretrained`` with FLoE's checks;
+``save_adapter`` is ``save_pretrained`` into an atomic folder (``adapter_config.json`` +
+``adapter_model.safetensors``).
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import torch.nn as nn
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
 
 from floe.adapters.moe_lora.config import MoELoraConfig
 from floe.adapters.moe_lora.convert import OLD_CONFIG_NAME
@@ -33,16 +33,10 @@ from floe.io import atomic_dir
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-_PEFT_ATTR = "_floe_peft_model"
 
 
 class AdapterError(InputError):
     """An adapter does not fit a model, or an adapter folder is invalid."""
-
-
-def peft_model(model: nn.Module) -> PeftModel | None:
-    """The ``PeftModel`` of ``model``: itself, or the one ``apply_moe_lora``/``load_adapter`` made for it."""
-    return model if isinstance(model, PeftModel) else model.__dict__.get(_PEFT_ATTR)
 
 
 @dataclass(frozen=True)
@@ -89,7 +83,10 @@ class MoELoraView:
 
 
 def moe_lora_modules(model: nn.Module) -> dict[str, MoELoraView]:
-    """MoE-LoRA layers of ``model`` (with their active adapter) by qualified name, in module order."""
+    """MoE-LoRA layers of ``model`` (with their active adapter) by qualified name in the base model (the same
+    names for a ``PeftModel`` and the model it wraps), in module order."""
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, MoELoraLinear):
@@ -128,16 +125,15 @@ def _check_fits(model: nn.Module, config: MoELoraConfig) -> None:
                            f"use r <= {max_rank} or drop those targets")
 
 
-def apply_moe_lora(model: nn.Module, config: MoELoraConfig | AdapterSettings, seed: int | None = None) -> list[str]:
-    """Attach MoE-LoRA to ``model`` in place with ``peft.get_peft_model``; freeze everything else.
+def apply_moe_lora(model: nn.Module, config: MoELoraConfig | AdapterSettings, seed: int | None = None) -> PeftModel:
+    """``peft.get_peft_model(model, config)``: MoE-LoRA on ``model`` (adapted in place), everything else frozen.
 
     ``seed``: draw the adapter's initial weights (A, router) from this seed, leaving the global
     random state untouched, so the same seed gives the same initial adapter; None draws from
-    the global generator. The ``PeftModel`` is kept with ``model`` (:func:`peft_model`).
-    Returns the qualified names of the wrapped modules. Raises ``AdapterError`` when a target
+    the global generator. Returns the ``PeftModel``. Raises ``AdapterError`` when a target
     name matches nothing (listing the linear modules that exist), when a layer index is out of
     range, when the rank exceeds a target's ``min(d_in, d_out)``, or when the model already
-    carries MoE-LoRA.
+    carries an adapter.
     """
     if isinstance(config, AdapterSettings):
         config = config.to_peft()
@@ -149,29 +145,30 @@ def apply_moe_lora(model: nn.Module, config: MoELoraConfig | AdapterSettings, se
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        with warnings.catch_warnings():  # PEFT 0.21 asks transformers 5 a deprecated name; not the user's concern
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            wrapper = attach(model, config)  # get_peft_model, keeping the base model's name
-    wrapped = list(moe_lora_modules(model))
-    for name, m in model.named_modules():  # new modules start in train mode; keep the model's mode
+        peft = attach(model, config)  # get_peft_model, keeping the base model's name
+    _keep_modes(model, modes, config)
+    return peft
+
+
+def _keep_modes(model: nn.Module, modes: dict[str, bool], config: MoELoraConfig) -> None:
+    """New modules start in train mode: keep the model's mode; record router weights when the aux loss is on."""
+    for name, m in model.named_modules():
         if isinstance(m, MoELoraLinear):
             m.train(modes.get(name, model.training))
             m.keep_router_probs = config.router_aux_loss_coef > 0
-    model.__dict__[_PEFT_ATTR] = wrapper
-    return wrapped
 
 
-def adapter_config(model: nn.Module) -> MoELoraConfig:
+def adapter_config(model: PeftModel) -> MoELoraConfig:
     """The active adapter's config."""
-    pm = peft_model(model)
-    if pm is None or not isinstance(pm.peft_config.get(pm.active_adapter), MoELoraConfig):
-        raise AdapterError("model has no MoE-LoRA adapter: call apply_moe_lora or load_adapter first "
-                           "(or peft.get_peft_model with a floe.MoELoraConfig)")
-    return pm.peft_config[pm.active_adapter]
+    config = model.peft_config.get(model.active_adapter) if isinstance(model, PeftModel) else None
+    if not isinstance(config, MoELoraConfig):
+        raise AdapterError("model has no MoE-LoRA adapter: pass the PeftModel that apply_moe_lora or load_adapter "
+                           "returned (or peft.get_peft_model with a floe.MoELoraConfig)")
+    return config
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The active adapter's live parameters (A, expert B, router) by their names in ``model``."""
+    """The active adapter's live parameters (A, expert B, router) by their names in the base model."""
     return {f"{name}.{k}": p for name, v in moe_lora_modules(model).items() for k, p in v.parameters().items()}
 
 
@@ -216,21 +213,13 @@ def router_aux_loss(model: nn.Module) -> torch.Tensor | None:
     return torch.stack(losses).mean() if losses else None
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Save the active adapter as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``),
-    atomically. ``PeftModel.from_pretrained(base, directory)`` loads it (after ``import floe``)."""
-    pm = peft_model(model)
-    if pm is None:
-        raise AdapterError("model has no adapter to save: call apply_moe_lora or load_adapter first")
-    name = pm.active_adapter
-    state = get_peft_model_state_dict(pm, adapter_name=name, **SAVE_KWARGS)
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-
-    def write(tmp: Path) -> None:
-        pm.peft_config[name].save_pretrained(str(tmp))
-        save_file(weights, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-
-    atomic_dir(directory, write)
+def save_adapter(model: PeftModel, directory: str | os.PathLike) -> Path:
+    """``model.save_pretrained(directory)`` (PEFT's folder: ``adapter_config.json`` +
+    ``adapter_model.safetensors``), written atomically: a failed save leaves the old folder as it was."""
+    if not isinstance(model, PeftModel):
+        raise AdapterError(f"save_adapter takes the PeftModel that apply_moe_lora or load_adapter returned, "
+                           f"got {type(model).__name__}")
+    atomic_dir(directory, lambda tmp: model.save_pretrained(str(tmp), **SAVE_KWARGS))
     return Path(directory)
 
 
@@ -249,28 +238,89 @@ def read_adapter_config(directory: str | os.PathLike) -> MoELoraConfig:
         raise AdapterError(f"{path}: invalid adapter config: {e}") from e
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool = False) -> MoELoraConfig:
-    """Attach (if needed) and load a saved adapter into ``model`` (a base model, or one with MoE-LoRA).
+def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool = False) -> PeftModel:
+    """``PeftModel.from_pretrained(model, directory)`` with FLoE's checks and error messages; returns the PeftModel.
 
-    A model without MoE-LoRA gets the saved configuration applied first (as ``apply_moe_lora``);
-    a model that has one must match it. Shape or key mismatches (an adapter for another model)
-    raise ``AdapterError`` naming the offending tensors, leaving the model as it was. Adapter
-    weights are frozen unless ``trainable``. For a model of your own,
-    ``PeftModel.from_pretrained(model, directory)`` does the same.
+    ``model`` is a base model (adapted in place, as PEFT does), or a ``PeftModel`` carrying
+    MoE-LoRA of the same hyperparameters, whose adapter gets the saved weights (a resume).
+    Everything is checked before a weight is loaded: an adapter that does not fit (another model,
+    layer set, rank or scaling) raises ``AdapterError`` naming the offending tensors, and leaves a
+    base model as it was given. Adapter weights are frozen unless ``trainable``.
     """
+    directory = Path(directory)
     cfg = read_adapter_config(directory)
-    if moe_lora_modules(model):
+    saved = weight_shapes(directory / ADAPTER_WEIGHTS_NAME)
+    if isinstance(model, PeftModel):
         _check_same_hyperparameters(adapter_config(model), cfg, directory)
-        _load_weights(model, cfg, directory, trainable)
-        return cfg
+        _check_fits_saved(model, saved, cfg, directory)
+        _load_into(model, directory, trainable)
+        for p in adapter_state_dict(model).values():
+            p.requires_grad_(trainable)
+        return model
+    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise AdapterError("model already has adapter layers: pass the PeftModel that apply_moe_lora or "
+                           "load_adapter returned, or load into a fresh base model")
+    _check_fits(model, cfg)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    apply_moe_lora(model, cfg)
+    modes = {n: m.training for n, m in model.named_modules()}
+    cfg.inference_mode = not trainable  # PEFT's from_pretrained: frozen adapter unless trainable
     try:
-        _load_weights(model, cfg, directory, trainable)
+        peft = attach(model, cfg)  # from_pretrained's first half (the injection), keeping the saved name
+        _check_fits_saved(peft, saved, cfg, directory)
+        _load_into(peft, directory, trainable)  # its second half
     except BaseException:
-        _remove_moe_lora(model, requires_grad)  # leave the model as it was given
+        _strip_adapters(model, requires_grad)  # leave the model as it was given
         raise
-    return cfg
+    _keep_modes(model, modes, cfg)
+    return peft
+
+
+def _load_into(peft: PeftModel, directory: Path, trainable: bool) -> None:
+    """PEFT's ``load_adapter`` into the active adapter (the shapes are checked already)."""
+    with warnings.catch_warnings():  # PEFT 0.21 asks transformers 5 a deprecated name; not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft.load_adapter(str(directory), adapter_name=peft.active_adapter, is_trainable=trainable,
+                          torch_device=str(next(peft.parameters()).device))
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes of a safetensors file, from its header (nothing is loaded); a missing,
+    truncated or corrupt file is an ``AdapterError`` naming it."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise AdapterError(f"{path} not found: the adapter folder is incomplete; copy or re-train it")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) for a cut file
+        raise AdapterError(f"{path} is truncated or corrupt ({' '.join(str(e).split())}); "
+                           "copy it again or re-train the adapter") from None
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors (an old-format adapter, a full fine-tuning's weights), with the errors of
+    :func:`weight_shapes`."""
+    from safetensors.torch import load_file
+
+    weight_shapes(path)
+    return load_file(str(path))
+
+
+def _check_fits_saved(peft: PeftModel, saved: dict[str, tuple[int, ...]], cfg: MoELoraConfig, directory) -> None:
+    """The saved tensors must be exactly the adapter's own, shape for shape (PEFT would only warn)."""
+    own = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft, **SAVE_KWARGS).items()}
+    missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    if missing or unexpected:
+        raise AdapterError(
+            f"adapter in {directory} does not match the model's MoE-LoRA layers: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}. Was it trained on another model or layer set?"
+        )
+    wrong = [f"{k}: saved {saved[k]} vs model {v}" for k, v in own.items() if v != saved[k]]
+    if wrong:
+        raise AdapterError(f"adapter in {directory} has shapes that do not fit this model (trained on "
+                           f"{cfg.base_model_name_or_path!r}?): " + "; ".join(wrong[:5]))
 
 
 def _check_same_hyperparameters(current: MoELoraConfig, saved: MoELoraConfig, directory) -> None:
@@ -284,47 +334,14 @@ def _check_same_hyperparameters(current: MoELoraConfig, saved: MoELoraConfig, di
         )
 
 
-def _remove_moe_lora(model: nn.Module, requires_grad: dict[str, bool]) -> None:
-    """Undo ``apply_moe_lora``: put the base linears back and restore ``requires_grad`` flags."""
-    pm = model.__dict__.pop(_PEFT_ATTR, None)
-    if pm is not None:
-        pm.unload()
+def _strip_adapters(model: nn.Module, requires_grad: dict[str, bool]) -> None:
+    """Undo a failed injection: each PEFT tuner layer back to its base layer, PEFT's mark and the
+    ``requires_grad`` flags restored. (PEFT's ``unload`` needs the PeftModel, which a failed
+    ``from_pretrained`` never returned.)"""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, BaseTunerLayer) and name:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, m.get_base_layer())
     model.__dict__.pop("peft_config", None)  # PEFT's mark on the model it adapted
     for n, p in model.named_parameters():
         p.requires_grad_(requires_grad.get(n, p.requires_grad))
-
-
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors; a missing, truncated or corrupt file is an ``AdapterError`` naming it."""
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise AdapterError(f"{path} not found: the adapter folder is incomplete; copy or re-train it") from None
-    except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) for a cut file
-        raise AdapterError(f"{path} is truncated or corrupt ({' '.join(str(e).split())}); "
-                           "copy it again or re-train the adapter") from None
-
-
-def _load_weights(model: nn.Module, cfg: MoELoraConfig, directory, trainable: bool) -> None:
-    pm = peft_model(model)
-    name = pm.active_adapter
-    own = get_peft_model_state_dict(pm, adapter_name=name, **SAVE_KWARGS)
-    saved = read_weights(Path(directory) / ADAPTER_WEIGHTS_NAME)
-    missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
-    if missing or unexpected:
-        raise AdapterError(
-            f"adapter in {directory} does not match the model's MoE-LoRA layers: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-            f"{'...' if len(unexpected) > 5 else ''}. Was it trained on another model or layer set?"
-        )
-    wrong = [f"{k}: saved {tuple(saved[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items() if v.shape != saved[k].shape]
-    if wrong:
-        raise AdapterError(
-            f"adapter in {directory} has shapes that do not fit this model (trained on "
-            f"{cfg.base_model_name_or_path!r}?): " + "; ".join(wrong[:5])
-        )
-    with torch.no_grad():
-        for k, v in own.items():
-            v.copy_(saved[k].to(v.dtype))  # state-dict tensors share storage with the parameters
-    for p in adapter_state_dict(model).values():
-        p.requires_grad_(trainable)
