@@ -39,7 +39,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from floe.adapters import MoELoraConfig, apply_moe_lora, load_adapter
+    from floe.adapters.moe_lora import MoELoraConfig, apply_moe_lora, load_adapter
     from floe.data import DataCollator, iter_batches, load_data
     from floe.models import load_model
     from floe.selection import SelectionConfig, select_layers

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from conftest import tiny_model
-from floe.adapters import MoELoraLinear
+from floe.adapters.moe_lora import MoELoraLinear
 from floe.arch import decoder_layers, find_child
 from floe.selection import SCORERS, Selection, SelectionConfig, SelectionError, select_layers
 from floe.selection.cli import SELECT_FLAGS

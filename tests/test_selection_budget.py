@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_selection_model import adapted_model, make_batches
 
-from floe.adapters import adapters_disabled
+from floe.adapters.moe_lora import adapters_disabled
 from floe.arch import decoder_layers
 from floe.selection import SelectionConfig, select_layers, weight_taylor
 from floe.selection.determination import RULES, determine, repair_budget

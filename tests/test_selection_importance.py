@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_selection_model import adapted_model, make_batches
 
-from floe.adapters import adapters_disabled
+from floe.adapters.moe_lora import adapters_disabled
 from floe.arch import decoder_layers, geometry
 from floe.selection import MaskHooks, mask_gradients, weight_taylor
 from floe.selection.determination import determine, repair_budget

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from floe.adapters import MoELoraConfig, adapters_disabled, apply_moe_lora, save_adapter
+from floe.adapters.moe_lora import MoELoraConfig, adapters_disabled, apply_moe_lora, save_adapter
 from floe.adapters.moe_lora import AdapterError
 from floe.arch import decoder_layers, find_child
 from floe.selection import (

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from floe.adapters import MoELoraConfig, apply_moe_lora
+from floe.adapters.moe_lora import MoELoraConfig, apply_moe_lora
 from floe.arch import decoder_layers
 from floe.selection import SelectionConfig, select_layers
 

@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from floe.adapters import moe_lora_modules
+from floe.adapters.moe_lora import moe_lora_modules
 from floe.arch import decoder_layers, model_device
 from floe.distributed import reduce_sum, shard
 from floe.selection.importance import BatchCounter, SelectionError, batch_loss, gathered_rows

@@ -214,7 +214,7 @@ def linear_cka(model: nn.Module, batches: Iterable[dict], progress: Progress = N
 
     accumulated from ``n``, ``Σx``, ``Σy``, ``XᵀX``, ``YᵀY``, ``XᵀY`` (float64), centred at the end:
     ``X_cᵀ Y_c = XᵀY − n μ_x μ_yᵀ``. Hooks on the decoder layers; runs ``model`` as it is (call under
-    :func:`floe.adapters.adapters_disabled` for the base model).
+    :func:`floe.adapters.moe_lora.adapters_disabled` for the base model).
     """
     _, layers = decoder_layers(model)
     device = model_device(model)

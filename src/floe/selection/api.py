@@ -5,7 +5,7 @@ mask search (Alg. 1, then the budget repair with per-unit costs) → refinement 
 tuning (least squares) → per-layer score → ranking → top-k. The stages after the gradients are
 :func:`.stages.run_stages`; the ``scorer`` option swaps them for an ablation scorer or one from a
 published anchor (:mod:`.scorer_table`). One model object can play both roles: the base model is
-the adapted one under :func:`floe.adapters.adapters_disabled`.
+the adapted one under :func:`floe.adapters.moe_lora.adapters_disabled`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-from floe.adapters import adapters_disabled
+from floe.adapters.moe_lora import adapters_disabled
 from floe.distributed import rank_and_world
 from floe.selection.ablation_scorers import adapter_gradient_stats
 from floe.selection.anchor_scorers import linear_cka, lora_output_rows

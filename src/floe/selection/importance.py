@@ -177,7 +177,7 @@ def mask_gradients(model: nn.Module, batches: Iterable[dict], *, stage: str = "m
     i.e. ``(N_e / N_b) ∂L_e/∂m`` (N: response tokens), rescaled here. A row does not depend on
     which other examples share its batch, so neither does ``F_u = Σ_e g[e,u]²``.
 
-    Runs ``model`` as it is (call under :func:`floe.adapters.adapters_disabled` for the base
+    Runs ``model`` as it is (call under :func:`floe.adapters.moe_lora.adapters_disabled` for the base
     model). Eval mode, weights frozen, restored afterwards. Raises :class:`SelectionError` when a
     batch gives a non-finite loss or gradient, or when there is no batch.
     """

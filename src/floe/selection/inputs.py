@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from floe.adapters import load_adapter, moe_lora_modules
+from floe.adapters.moe_lora import load_adapter, moe_lora_modules
 from floe.adapters.moe_lora import ADAPTER_WEIGHTS_NAME, adapter_state_dict
 from floe.selection.config import SelectionConfig
 from floe.selection.fingerprints import sha256_file, sha256_tensors

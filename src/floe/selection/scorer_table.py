@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 import torch.nn as nn
 
-from floe.adapters import adapters_disabled, moe_lora_modules
+from floe.adapters.moe_lora import adapters_disabled, moe_lora_modules
 from floe.selection.ablation_scorers import (
     AdapterGradientStats,
     adapter_gradient_stats,
@@ -59,7 +59,7 @@ class Evidence:
     measure: Measure | None = None
     """The true masked-loss check of every stage (full data only)."""
     base: nn.Module | None = None
-    """The base model (None: ``adapted`` under :func:`floe.adapters.adapters_disabled`)."""
+    """The base model (None: ``adapted`` under :func:`floe.adapters.moe_lora.adapters_disabled`)."""
     heldout: list[dict] = field(default_factory=list)
     """The held-out batches (``ablation`` scores on them when there are any)."""
     adapter_outputs: TokenRows | None = None

@@ -63,7 +63,7 @@ def weight_taylor(model: nn.Module, batches: Iterable[dict], *, stage: str = "Ta
     Structure (LLM-Pruner): a neuron's ``gate_proj``/``up_proj`` rows and ``down_proj`` column;
     a query head's ``q_proj`` rows and ``o_proj`` columns plus ``1/G`` of the ``k_proj``/``v_proj``
     rows of the kv head it reads (G query heads per kv head). Run it on the base model (under
-    :func:`floe.adapters.adapters_disabled`). One backward pass per batch; each weight's gradient
+    :func:`floe.adapters.moe_lora.adapters_disabled`). One backward pass per batch; each weight's gradient
     is reduced to per-unit sums by a hook as soon as it is accumulated and then freed, so at most
     one weight's gradient exists at a time (a 7B model never holds its whole gradient). Returns the
     per-batch rows as a :class:`MaskGradients` whose ``taylor()`` sums them over batches.
