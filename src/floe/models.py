@@ -15,24 +15,17 @@ from typing import Any
 import torch
 import transformers
 
-from floe.arch import model_summary
 from floe.builtin_models import (
     BUILTIN_MODELS,
     DEFAULT_MODEL,
-    SMOLLM2_CHAT_TEMPLATE,
-    BuiltinModel,
     ModelUnavailableError,
     _unknown_name_error,
-    builtin_model_dir,
     ensure_builtin,
 )
 from floe.cache import remember_user_hub_offline
 from floe.errors import InputError
 
-__all__ = [  # the built-in registry and model_summary are re-exported: they were first defined here
-    "BUILTIN_MODELS", "DEFAULT_MODEL", "SMOLLM2_CHAT_TEMPLATE", "BuiltinModel", "ModelUnavailableError",
-    "builtin_model_dir", "ensure_builtin", "load_model", "model_summary", "parse_dtype",
-]
+__all__ = ["load_model", "load_tokenizer", "parse_dtype"]  # the built-in registry is floe.builtin_models
 
 # ----------------------------------------------------------------------------- dtype
 

@@ -174,7 +174,8 @@ def _run(job: SelectJob) -> int:
     from floe.config import to_dict
     from floe.data import DataCollator, iter_batches
     from floe.distributed import rank_and_world, wait_for_everyone
-    from floe.models import ModelUnavailableError, load_model
+    from floe.builtin_models import ModelUnavailableError
+    from floe.models import load_model
     from floe.selection.api import select_layers
 
     adapter_dir = Path(job.adapter_dir)
