@@ -93,8 +93,8 @@ def main() -> None:
     from floe.data import DataCollator, iter_batches, load_data
     from floe.models import load_model
     from floe.selection import SelectionConfig
-    from floe.selection.importance import mask_gradients, masked_losses
     from floe.selection.algorithm import run_stages
+    from floe.selection.importance import mask_gradients, masked_losses
     from floe.selection.taylor import weight_taylor
 
     model, tokenizer = load_model(args.model)

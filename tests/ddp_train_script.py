@@ -7,12 +7,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
 from conftest import make_tokenizer, tiny_model  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from train_helpers import tokenized  # noqa: E402
+
 from floe.adapters.moe_lora import MoELoraConfig, adapter_state_dict, apply_moe_lora  # noqa: E402
 from floe.training import TrainConfig, train  # noqa: E402
-from train_helpers import tokenized  # noqa: E402
 
 out = Path(sys.argv[1])
 rank = int(os.environ["RANK"])

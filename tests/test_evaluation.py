@@ -9,7 +9,6 @@ import sys
 import peft  # noqa: F401  (before floe.adapters: importing its config first trips a circular import in peft_hook)
 import pytest
 import torch
-
 from conftest import make_tokenizer, tiny_model
 from train_helpers import save_tiny_model_folder, write_alpaca_jsonl
 
@@ -21,7 +20,6 @@ from floe.evaluation.generation import greedy_generate
 from floe.evaluation.loss import evaluate_loss
 from floe.evaluation.metrics import chance_level, exact_match, macro_average, normalize, rouge_l
 from floe.evaluation.prompts import draw_shots, prompt_ids, prompt_messages, shot_pools
-
 
 # --- metrics: hand-worked --------------------------------------------------------------------------
 
@@ -339,8 +337,9 @@ def test_evaluate_loads_a_source_split_as_training_does(tmp_path):
 
 
 def test_print_config_shows_the_eval_data_defaults(capsys):
-    from floe.evaluation.cli import add_eval_parser
     import argparse
+
+    from floe.evaluation.cli import add_eval_parser
 
     parser = argparse.ArgumentParser()
     add_eval_parser(parser.add_subparsers(dest="command"))

@@ -12,12 +12,12 @@ import huggingface_hub.constants as hub_constants
 import pytest
 import torch
 import transformers
-
 from conftest import tiny_model
+
 from floe import builtin_models, models
-from floe.cache import FetchError
 from floe.arch import model_summary
 from floe.builtin_models import ModelUnavailableError
+from floe.cache import FetchError
 from floe.models import load_model, parse_dtype
 
 

@@ -20,10 +20,10 @@ from conftest import tiny_config, tiny_model
 import floe.adapters.moe_lora.model as moe_model
 from floe.adapters.moe_lora import (
     AdapterError,
-    adapter_config,
     MoELoraConfig,
     MoELoraLinear,
     MoELoraView,
+    adapter_config,
     adapter_state_dict,
     adapters_disabled,
     apply_moe_lora,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import huggingface_hub.constants as hub_constants
 import pytest
-
 from conftest import tiny_model
+
 from floe import builtin_models, cache, models
 from floe.cache import FetchError
 from floe.data import bigbench

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_tokenizer, tiny_model
+from train_helpers import save_tiny_model_folder, tokenized, write_alpaca_jsonl
+
 from floe.adapters.moe_lora import MoELoraConfig, apply_moe_lora
 from floe.config import from_dict
 from floe.errors import InputError
 from floe.pipeline import RunConfig, run
 from floe.pipeline import layers as L
-from train_helpers import save_tiny_model_folder, tokenized, write_alpaca_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -25,8 +25,8 @@ from train_helpers import (
 from transformers import TrainerCallback
 
 from floe.adapters.moe_lora import MoELoraConfig, adapter_state_dict, apply_moe_lora
-from floe.cli import main
 from floe.checkpoints import RECORD_FILE
+from floe.cli import main
 from floe.training import TrainConfig, train
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

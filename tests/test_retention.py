@@ -6,16 +6,16 @@ import os
 
 import pytest
 import torch
-
 from conftest import make_tokenizer, tiny_model
+from test_data import fake_bigbench  # noqa: F401  (the fixture)
+from test_pipeline import _config
+
 from floe.adapters.moe_lora import MoELoraConfig, apply_moe_lora
 from floe.config import from_dict
 from floe.errors import InputError
 from floe.evaluation.choice import evaluate_choice
 from floe.evaluation.retention import RetentionConfig, evaluate_retention, retention_delta
 from floe.pipeline import RunConfig, run
-from test_data import fake_bigbench  # noqa: F401  (the fixture)
-from test_pipeline import _config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TASKS = ["sports_understanding", "date_understanding"]  # 31 and 20 examples in the fake archive
@@ -104,9 +104,10 @@ def test_floe_run_keeps_the_best_adapter_evaluates_it_and_scores_retention(tmp_p
 
 
 def test_floe_eval_scores_retention_with_and_without_the_adapter(tmp_path, fake_bigbench):  # noqa: F811
+    from train_helpers import save_tiny_model_folder
+
     from floe.adapters.moe_lora import save_adapter
     from floe.evaluation.cli import EvalJob, run_job
-    from train_helpers import save_tiny_model_folder
 
     model_dir = save_tiny_model_folder(tmp_path / "tiny")
     model = tiny_model("llama")

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import tiny_model
+from test_selection_model import adapted_model, make_batches
+
 from floe.adapters.moe_lora import MoELoraLinear
 from floe.arch import decoder_layers, find_child
 from floe.selection import SCORERS, Selection, SelectionConfig, SelectionError, select_layers
 from floe.selection.cli import SELECT_FLAGS
-from floe.selection.outputs import write_outputs
 from floe.selection.layer_score import cost_adjusted_scores, rank_layers
+from floe.selection.outputs import write_outputs
 from floe.selection.spectral_scorers import alpha_expert_pattern, alpha_hill, spectrum_snr
-from test_selection_model import adapted_model, make_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -265,8 +265,9 @@ def test_cost_weight_at_its_default_leaves_grid_cell_fingerprints_alone():
 # ----------------------------------------------------------------------------- floe run
 
 def test_floe_run_selects_with_an_anchor_scorer_and_caches_the_stage(tmp_path):
-    from floe.pipeline import run
     from test_pipeline import _config, _ran
+
+    from floe.pipeline import run
 
     shared = {"compare": [], "stage_root": str(tmp_path / "stages")}
     for scorer in ("lora_drop", "spectrum"):

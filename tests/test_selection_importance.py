@@ -16,7 +16,6 @@ from floe.selection.determination import determine, repair_budget
 from floe.selection.layer_score import layer_scores, rank_layers
 from floe.selection.refinement import refine_paper
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 

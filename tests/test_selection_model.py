@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_model
-from floe.adapters.moe_lora import MoELoraConfig, adapters_disabled, apply_moe_lora, save_adapter
-from floe.adapters.moe_lora import AdapterError
+
+from floe.adapters.moe_lora import AdapterError, MoELoraConfig, adapters_disabled, apply_moe_lora, save_adapter
 from floe.arch import decoder_layers, find_child
 from floe.selection import (
     MaskSet,
@@ -31,7 +30,6 @@ from floe.selection import (
 )
 from floe.selection.lstsq import ridge_solve
 from floe.selection.stability import plot_stability, stability_analysis, subsample_indices
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -561,8 +559,9 @@ def test_nan_gradients_are_reported_with_the_stage_and_batch():
 # ----------------------------------------------------------------------------- CLI
 
 def test_floe_select_cli_writes_everything_or_nothing(tmp_path, capsys):
-    from floe.cli import main
     from train_helpers import save_tiny_model_folder, write_alpaca_jsonl
+
+    from floe.cli import main
 
     model_dir = save_tiny_model_folder(tmp_path / "tiny")
     data = write_alpaca_jsonl(tmp_path / "d.jsonl", 12)

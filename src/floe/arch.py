@@ -27,6 +27,13 @@ class AttentionGeometry:
     intermediate_size: int
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model a ``PeftModel`` wraps (``get_base_model()``), or ``model`` itself: where FLoE names layers and
+    modules, so the names are the same for both. (Checked by module, so this file needs no PEFT import.)"""
+    is_peft = type(model).__module__.startswith("peft.") and callable(getattr(model, "get_base_model", None))
+    return model.get_base_model() if is_peft else model
+
+
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Return ``(qualified_name, layers)`` of the model's decoder-layer list.
 
@@ -35,9 +42,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     it wraps (as :func:`floe.adapters.moe_lora.moe_lora_modules` names its layers). Raises
     ``ValueError`` otherwise.
     """
-    get_base = getattr(model, "get_base_model", None)  # a PeftModel: names in the model it wraps
-    if callable(get_base) and type(model).__module__.startswith("peft."):
-        model = get_base()
+    model = unwrapped(model)
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks"):

@@ -18,9 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-
 from peft import PeftModel
+from transformers import TrainerCallback
 
 from floe.adapters.moe_lora.model import (
     ADAPTER_CONFIG_NAME,

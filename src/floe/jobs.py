@@ -15,11 +15,11 @@ import yaml
 
 from floe.adapters.moe_lora import AdapterSettings, apply_moe_lora, moe_lora_modules
 from floe.arch import trainable_parameter_count
+from floe.checkpoints import METRICS_FILE, NEUTRAL_KEYS, clear_run
 from floe.config import config_differences, to_dict
 from floe.errors import InputError
 from floe.io import atomic_write_text
 from floe.specs import DataSpec, ModelSpec, load_splits
-from floe.checkpoints import METRICS_FILE, NEUTRAL_KEYS, clear_run
 from floe.training import TrainConfig, TrainResult, train
 
 

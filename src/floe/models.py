@@ -103,10 +103,7 @@ def load_model(
     Raises ``ModelUnavailableError`` with a fix when the model cannot be had.
     """
     torch_dtype = parse_dtype(dtype)
-    online = _resolve_online(online)
-    _apply_offline_mode(online)
-    source = _resolve_source(str(name_or_path), online)
-    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=not online)
+    source, online, kwargs = _prepare(name_or_path, online, trust_remote_code)
     try:
         # adapter_kwargs: transformers 5.23 does not pass local_files_only on to its PEFT-adapter lookup.
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -125,21 +122,26 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL, online: bool | None = None
                    trust_remote_code: bool = False) -> tuple[Any, Any]:
     """The tokenizer (with a pad token, as :func:`load_model` gives it) and the transformers config of a
     model, without loading its weights: what a job needs before its first stage that runs the model."""
-    online = _resolve_online(online)
-    _apply_offline_mode(online)
-    source = _resolve_source(str(name_or_path), online)
-    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=not online)
+    source, online, kwargs = _prepare(name_or_path, online, trust_remote_code)
     try:
         config = transformers.AutoConfig.from_pretrained(source, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
     except OSError as err:
         raise _load_error(str(name_or_path), source, online, err) from err
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _ensure_pad_token(None, tokenizer)
     return tokenizer, config
 
 
 # ----------------------------------------------------------------------------- resolution
+
+def _prepare(name_or_path: str, online: bool | None, trust_remote_code: bool) -> tuple[str, bool, dict[str, Any]]:
+    """(what ``from_pretrained`` takes, whether the hub may be reached, its keyword arguments); sets the
+    offline mode."""
+    online = _resolve_online(online)
+    _apply_offline_mode(online)
+    source = _resolve_source(str(name_or_path), online)
+    return source, online, {"trust_remote_code": trust_remote_code, "local_files_only": not online}
+
 
 def _looks_like_path(name: str) -> bool:
     """True for names only a filesystem path could mean; "owner/name" stays a hub id."""
@@ -200,13 +202,15 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def _ensure_pad_token(model: transformers.PreTrainedModel, tokenizer: Any) -> None:
-    """Give the tokenizer a pad token (EOS when it has none) and tell the model its id."""
+def _ensure_pad_token(model: transformers.PreTrainedModel | None, tokenizer: Any) -> None:
+    """Give the tokenizer a pad token (EOS when it has none) and tell the model (when given) its id."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             warnings.warn("the tokenizer has neither a pad nor an EOS token; batched padding will fail.")
             return
         tokenizer.pad_token = tokenizer.eos_token
+    if model is None:
+        return
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     gen = getattr(model, "generation_config", None)

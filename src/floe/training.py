@@ -30,8 +30,8 @@ from floe.checkpoints import (
     is_moe_lora,
     load_run_adapter,
     prepare_output,
-    training_settings,
     save_run_adapter,
+    training_settings,
     weights_folder,
 )
 from floe.errors import InputError

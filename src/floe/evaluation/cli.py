@@ -17,7 +17,6 @@ from floe.specs import DataSpec, ModelSpec
 from .api import EvalConfig
 from .retention import RetentionConfig
 
-
 # Evaluation keeps every example it can: long prompts are cut from the left (never the response),
 # and only examples whose response alone is too long are skipped (and counted). A config file or
 # --set that gives these keys wins.

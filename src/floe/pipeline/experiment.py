@@ -121,13 +121,9 @@ def _drop_default(tree: dict[str, Any], defaults: dict[str, Any], dotted: str) -
         tree.pop(leaf)
 
 
-# RunConfig fields renamed after the first results were recorded: fingerprinted under their old names.
-RENAMED_FIELDS = {"warmup_run": "warmup"}
-
-
 def cell_fingerprint(cfg: RunConfig) -> str:
     tree = to_dict(cfg)
-    for new, old in RENAMED_FIELDS.items():
+    for old, new in RunConfig.RENAMED.items():  # renamed after the first results: fingerprinted by the old name
         tree[old] = tree.pop(new)
     for key in ("output_dir", "stage_root"):
         tree.pop(key)

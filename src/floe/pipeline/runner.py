@@ -9,12 +9,14 @@ same data, split, seed and steps, so the run ends with a like-for-like compariso
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable
 
 from floe.adapters.moe_lora import apply_moe_lora, load_adapter
 from floe.arch import text_config
+from floe.checkpoints import NEUTRAL_KEYS
 from floe.config import to_dict
 from floe.io import atomic_write_text
 from floe.pipeline import layers as L
@@ -22,7 +24,6 @@ from floe.pipeline.config import METHODS, RunConfig
 from floe.pipeline.stages import Stage, run_stage
 from floe.pipeline.summary import format_summary, headline
 from floe.provenance import package_versions
-from floe.checkpoints import NEUTRAL_KEYS
 
 Log = Callable[[str], None]
 
@@ -51,7 +52,6 @@ class _Run:
         self.stages: dict[str, dict[str, Any]] = {}  # "method/stage" → what run.json records
         self.searched: dict[str, int] = {}  # r and num_experts of the search stage, set by run() when enabled
         self.search_stage: Stage | None = None
-        self._sample: tuple[Any, Any] | None = None
         self.common = {"model": to_dict(cfg.model), "data": to_dict(cfg.data), "seed": cfg.seed,
                        "adapter": {k: v for k, v in to_dict(cfg.adapter).items() if k not in ("layers", "base_model_name_or_path")},
                        "train": {k: v for k, v in to_dict(cfg.train).items() if k not in NEUTRAL_KEYS | {"seed"}}}
@@ -66,15 +66,17 @@ class _Run:
 
         return load_model(self.cfg.model.name, dtype=self.cfg.model.dtype)[0]
 
+    @property
+    def sample_data(self):
+        """The data spec of the warm-up sample: ``warmup_run.fraction`` of the training split."""
+        return dataclasses.replace(self.cfg.data, fraction=self.cfg.warmup_run.fraction)
+
+    @functools.cached_property
     def sample(self) -> tuple[Any, Any]:
-        """(train, validation) of the warm-up sample (``warmup_run.fraction`` of the training split), which
-        the search and the warm-up train on; built once."""
+        """(train, validation) of the warm-up sample, which the search and the warm-up train on."""
         from floe.specs import load_splits
 
-        if self._sample is None:
-            self._sample = load_splits(dataclasses.replace(self.cfg.data, fraction=self.cfg.warmup_run.fraction),
-                                       self.tokenizer)
-        return self._sample
+        return load_splits(self.sample_data, self.tokenizer)
 
     @property
     def adapter(self):
@@ -116,7 +118,7 @@ class _Run:
                       self.root)
 
         def work(folder: Path) -> dict[str, Any]:
-            train_ds, val_ds = self.sample()
+            train_ds, val_ds = self.sample
             model = self.attach(self.base_model(), None)
             res = train(model, self.tokenizer, train_ds, val_ds,
                         self.train_config(folder, max_steps=self.cfg.warmup_run.max_steps, num_epochs=1.0))
@@ -138,8 +140,7 @@ class _Run:
 
         def work(folder: Path) -> dict[str, Any]:
             d = self.cfg.data
-            ds = load_split(dataclasses.replace(d, fraction=self.cfg.warmup_run.fraction), self.tokenizer, "train",
-                            spec.max_examples)
+            ds = load_split(self.sample_data, self.tokenizer, "train", spec.max_examples)
             batches = list(iter_batches(ds, spec.batch_size, DataCollator(self.tokenizer)))
             sel = select_layers(self.base_model(), warm.dir / "adapter", batches,
                                 dataclasses.replace(spec.config, top_k=self.cfg.k))
@@ -232,7 +233,7 @@ class _Run:
                       self.root)
 
         def work(folder: Path) -> dict[str, Any]:
-            train_ds, val_ds = self.sample()
+            train_ds, val_ds = self.sample
             objective = make_training_objective(
                 self.base_model, self.tokenizer, train_ds, val_ds,
                 dataclasses.replace(self.train_config(folder), max_steps=spec.steps),

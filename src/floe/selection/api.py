@@ -19,6 +19,7 @@ import torch.nn as nn
 from floe.adapters.moe_lora import adapters_disabled
 from floe.distributed import rank_and_world
 from floe.selection.ablation_scorers import adapter_gradient_stats
+from floe.selection.algorithm import Measure, progress
 from floe.selection.anchor_scorers import linear_cka, lora_output_rows
 from floe.selection.config import Selection, SelectionConfig, jsonable
 from floe.selection.fingerprints import input_fingerprints
@@ -28,7 +29,6 @@ from floe.selection.layer_score import cost_adjusted_scores, fisher_share, rank_
 from floe.selection.masks import unit_geometry
 from floe.selection.scorer_table import SCORERS, Evidence
 from floe.selection.stability import stability_analysis
-from floe.selection.algorithm import Measure, progress
 from floe.selection.taylor import weight_taylor
 
 __all__ = ["Selection", "SelectionConfig", "select_layers"]

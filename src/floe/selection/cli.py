@@ -21,6 +21,7 @@ from floe.selection.api import Selection, SelectionConfig
 from floe.selection.outputs import write_outputs
 from floe.specs import DataSpec, ModelSpec, load_split
 
+
 @dataclass
 class SelectJob:
     """``floe select``: FLoE layer selection on a warm-up-adapted model."""
@@ -171,10 +172,10 @@ def run_select(args: argparse.Namespace) -> int:
 
 def _run(job: SelectJob) -> int:
     from floe.adapters.moe_lora import read_adapter_config
+    from floe.builtin_models import ModelUnavailableError
     from floe.config import to_dict
     from floe.data import DataCollator, iter_batches
     from floe.distributed import rank_and_world, wait_for_everyone
-    from floe.builtin_models import ModelUnavailableError
     from floe.models import load_model
     from floe.selection.api import select_layers
 

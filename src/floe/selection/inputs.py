@@ -12,8 +12,8 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from floe.adapters.moe_lora import load_adapter, moe_lora_modules
-from floe.adapters.moe_lora import ADAPTER_WEIGHTS_NAME, adapter_state_dict
+from floe.adapters.moe_lora import ADAPTER_WEIGHTS_NAME, adapter_state_dict, load_adapter, moe_lora_modules
+from floe.arch import unwrapped
 from floe.selection.config import SelectionConfig
 from floe.selection.fingerprints import sha256_file, sha256_tensors
 from floe.selection.importance import SelectionError
@@ -35,18 +35,12 @@ def check_top_k(top_k: int | float, num_layers: int) -> None:
                              f"choose 1..{num_layers} or a fraction in (0, 1]")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    from peft import PeftModel
-
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
 def resolve_models(model: nn.Module,
                    adapted: nn.Module | str | os.PathLike | None) -> tuple[nn.Module, nn.Module, dict]:
     """``(base, adapted, adapter fingerprint)``; loads an adapter folder into ``model``. A ``PeftModel`` given
     for either is read through the model it wraps (selection names layers and modules as the base model does)."""
-    model = _unwrap(model)
-    adapted = adapted if isinstance(adapted, (str, os.PathLike)) or adapted is None else _unwrap(adapted)
+    model = unwrapped(model)
+    adapted = unwrapped(adapted) if isinstance(adapted, nn.Module) else adapted
     if adapted is None:
         if not moe_lora_modules(model):
             raise SelectionError("select_layers needs the warm-up (full-layer MoE-LoRA) adapter: pass its "

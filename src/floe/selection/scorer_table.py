@@ -27,6 +27,7 @@ from floe.selection.ablation_scorers import (
     random_layer_scores,
     taylor_layer_scores,
 )
+from floe.selection.algorithm import Measure, run_stages
 from floe.selection.anchor_scorers import (
     TokenRows,
     ablation_greedy,
@@ -37,7 +38,6 @@ from floe.selection.anchor_scorers import (
 from floe.selection.importance import MaskGradients
 from floe.selection.layer_score import top_k
 from floe.selection.spectral_scorers import alpha_layer_scores, spectrum_layer_scores
-from floe.selection.algorithm import Measure, run_stages
 
 if TYPE_CHECKING:
     from floe.selection.config import SelectionConfig

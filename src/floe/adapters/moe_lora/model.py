@@ -27,7 +27,7 @@ from floe.adapters.moe_lora.convert import OLD_CONFIG_NAME
 from floe.adapters.moe_lora.layer import MoELoraLinear
 from floe.adapters.moe_lora.settings import AdapterSettings
 from floe.adapters.naming import SAVE_KWARGS, attach
-from floe.arch import decoder_layers
+from floe.arch import decoder_layers, unwrapped
 from floe.errors import InputError
 from floe.io import atomic_dir
 
@@ -85,10 +85,8 @@ class MoELoraView:
 def moe_lora_modules(model: nn.Module) -> dict[str, MoELoraView]:
     """MoE-LoRA layers of ``model`` (with their active adapter) by qualified name in the base model (the same
     names for a ``PeftModel`` and the model it wraps), in module order."""
-    if isinstance(model, PeftModel):
-        model = model.get_base_model()
     out = {}
-    for name, m in model.named_modules():
+    for name, m in unwrapped(model).named_modules():
         if isinstance(m, MoELoraLinear):
             active = [a for a in m.active_adapters if a in m.lora_A]
             if active:
@@ -264,12 +262,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     modes = {n: m.training for n, m in model.named_modules()}
     cfg.inference_mode = not trainable  # PEFT's from_pretrained: frozen adapter unless trainable
+    peft = attach(model, cfg)  # from_pretrained's first half (the injection), keeping the saved name
     try:
-        peft = attach(model, cfg)  # from_pretrained's first half (the injection), keeping the saved name
         _check_fits_saved(peft, saved, cfg, directory)
         _load_into(peft, directory, trainable)  # its second half
-    except BaseException:
-        _strip_adapters(model, requires_grad)  # leave the model as it was given
+    except BaseException:  # leave the model as it was given
+        peft.unload()
+        model.__dict__.pop("peft_config", None)  # PEFT's mark on the model it adapted
+        for n, p in model.named_parameters():
+            p.requires_grad_(requires_grad.get(n, p.requires_grad))
         raise
     _keep_modes(model, modes, cfg)
     return peft
@@ -292,7 +293,7 @@ def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise AdapterError(f"{path} not found: the adapter folder is incomplete; copy or re-train it")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) for a cut file
         raise AdapterError(f"{path} is truncated or corrupt ({' '.join(str(e).split())}); "
                            "copy it again or re-train the adapter") from None
@@ -332,16 +333,3 @@ def _check_same_hyperparameters(current: MoELoraConfig, saved: MoELoraConfig, di
             f"adapter in {directory} was trained with other hyperparameters than the model's MoE-LoRA layers ("
             + "; ".join(diff) + "). Load it into a fresh base model instead."
         )
-
-
-def _strip_adapters(model: nn.Module, requires_grad: dict[str, bool]) -> None:
-    """Undo a failed injection: each PEFT tuner layer back to its base layer, PEFT's mark and the
-    ``requires_grad`` flags restored. (PEFT's ``unload`` needs the PeftModel, which a failed
-    ``from_pretrained`` never returned.)"""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, BaseTunerLayer) and name:
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, m.get_base_layer())
-    model.__dict__.pop("peft_config", None)  # PEFT's mark on the model it adapted
-    for n, p in model.named_parameters():
-        p.requires_grad_(requires_grad.get(n, p.requires_grad))
