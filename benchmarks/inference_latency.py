@@ -86,7 +86,7 @@ def build_variants(load: Callable[[], torch.nn.Module], r: int, experts: int, al
     """The four variants (each a separately loaded model, in eval mode) and what was attached to each."""
     from peft import LoraConfig, get_peft_model
 
-    from floe.adapters.moe_lora import AdapterSettings, apply_moe_lora, moe_lora_modules
+    from floe.adapters.moe_lora import MoELoraConfig, apply_moe_lora, moe_lora_modules
     from floe.arch import decoder_layers
 
     models: dict[str, torch.nn.Module] = {}
@@ -96,8 +96,8 @@ def build_variants(load: Callable[[], torch.nn.Module], r: int, experts: int, al
     info["base"] = {"layers": [], "adapter_modules": 0}
     for i, (name, layers) in enumerate((("moe_lora_all", None), ("moe_lora_k", layers_k))):
         model = load()
-        settings = AdapterSettings(r=r, num_experts=experts, alpha=alpha, dropout=0.05, target_modules=targets,
-                                   layers=layers)
+        settings = MoELoraConfig(r=r, num_experts=experts, lora_alpha=alpha, lora_dropout=0.05,
+                                 target_modules=list(targets), layers_to_transform=layers)
         wrapped = list(moe_lora_modules(apply_moe_lora(model, settings, seed=seed + i)))
         randomised = _randomise_lora_b(model, seed + 10 + i)
         model.eval()

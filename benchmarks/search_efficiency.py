@@ -120,7 +120,7 @@ def adapt(base, r: int, m: int, s: dict, eval_data: dict[str, torch.Tensor]) -> 
 
     model = copy.deepcopy(base)
     torch.manual_seed(s["seed"])
-    model = apply_moe_lora(model, MoELoraConfig(r=r, num_experts=m, alpha=s["alpha"], dropout=s["dropout"]))
+    model = apply_moe_lora(model, MoELoraConfig(r=r, num_experts=m, lora_alpha=s["alpha"], lora_dropout=s["dropout"]))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s["adapt_lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / s["adapt_steps"])

@@ -19,7 +19,7 @@ rank = int(os.environ["RANK"])
 data = tokenized(16, out / f"data{rank}")
 model = tiny_model("llama")
 torch.manual_seed(rank)  # different adapter init per rank: DDP must broadcast rank 0's
-model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=2, dropout=0.05))
+model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=2, lora_dropout=0.05))
 init = {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}
 cfg = TrainConfig(output_dir=str(out / "run"), learning_rate=1e-2, max_steps=2, batch_size=2, logging_steps=1,
                   save_steps=100, report_to=[], progress_bar=False, seed=rank + 5)  # different seeds on purpose

@@ -56,11 +56,52 @@ def test_wrong_type_names_the_field(tmp_path):
 
 def test_flags_override_yaml_and_layers_parse(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("adapter:\n  r: 16\n  layers: [1, 2]\ntrain:\n  max_steps: 7\n")
+    cfg.write_text("adapter:\n  r: 16\n  layers_to_transform: [1, 2]\ntrain:\n  max_steps: 7\n")
     job = _job(["--config", str(cfg), "--r", "4", "--layers", "0,3-5", "--set", "train.warmup_ratio=0.1"])
-    assert job.adapter.r == 4 and job.adapter.layers == [0, 3, 4, 5]
+    assert job.adapter.r == 4 and job.adapter.layers_to_transform == [0, 3, 4, 5]
     assert job.train.max_steps == 7 and job.train.warmup_ratio == 0.1
-    assert _job(["--config", str(cfg), "--layers", "all"]).adapter.layers is None
+    assert _job(["--config", str(cfg), "--layers", "all"]).adapter.layers_to_transform is None
+
+
+def test_the_adapter_section_takes_peft_names_and_reads_the_old_ones_with_a_warning(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("adapter:\n  alpha: 16\n  dropout: 0.1\n  layers: [1, 2]\n")
+    with pytest.warns(FutureWarning) as caught:
+        job = _job(["--config", str(cfg), "--layers", "0,3"])  # the flag (new name) wins over the file's old key
+    assert sorted(str(w.message) for w in caught if issubclass(w.category, FutureWarning)) == [
+        f"config key 'adapter.{old}' is deprecated: rename it to 'adapter.{new}'"
+        for old, new in (("alpha", "lora_alpha"), ("dropout", "lora_dropout"), ("layers", "layers_to_transform"))]
+    assert (job.adapter.lora_alpha, job.adapter.lora_dropout, job.adapter.layers_to_transform) == (16.0, 0.1, [0, 3])
+    cfg.write_text("adapter:\n  alpha: 16\n  lora_alpha: 8\n")
+    with pytest.raises(ConfigError, match="both 'adapter.alpha' and 'adapter.lora_alpha' are set"):
+        _job(["--config", str(cfg)])
+
+
+def test_any_peft_lora_field_can_be_set_and_changes_the_adapter_and_its_record(tmp_path):
+    from conftest import tiny_model
+
+    from floe.adapters.moe_lora import apply_moe_lora, moe_lora_modules
+    from floe.config import to_dict
+    from floe.pipeline import RunConfig
+    from floe.pipeline.experiment import cell_fingerprint
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("adapter:\n  r: 4\n  use_rslora: true\n")
+    job = _job(["--config", str(cfg)])
+    assert to_dict(job.adapter)["use_rslora"] is True and "use_rslora" not in to_dict(_job([]).adapter)
+    layer = next(iter(moe_lora_modules(apply_moe_lora(tiny_model(), job.adapter)).values()))
+    assert layer.scaling == pytest.approx(32.0 / 2.0)  # lora_alpha / sqrt(r), not / r
+    plain, rslora = RunConfig(), from_dict(RunConfig, {"adapter": {"use_rslora": True}})
+    assert cell_fingerprint(plain) != cell_fingerprint(rslora)
+
+
+def test_print_config_lists_the_adapter_under_peft_names(capsys):
+    assert main(["train", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    section = out[out.index("adapter:"):out.index("train:")]
+    for name in ("r", "num_experts", "lora_alpha", "lora_dropout", "target_modules", "layers_to_transform"):
+        assert f"\n  {name}: " in section, name
+    assert "  alpha:" not in section and "use_dora" not in section  # PEFT's other fields stay out unless set
 
 
 def test_missing_config_file_is_a_clean_error(tmp_path, capsys):

@@ -33,6 +33,7 @@ from floe.adapters.moe_lora import (
     save_adapter,
 )
 from floe.arch import trainable_parameter_count
+from floe.config import to_dict
 
 ADAPTER_PARTS = ("lora_A", "lora_B", "lora_router")
 
@@ -209,7 +210,7 @@ def test_layer_parameter_shapes_and_initialisation():
 
 def test_fused_model_matches_per_expert_loop_in_logits_and_gradients(arch, monkeypatch):
     model = tiny_model(arch)
-    model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=3, alpha=8.0, dropout=0.1,
+    model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=3, lora_alpha=8.0, lora_dropout=0.1,
                                         target_modules=("q_proj", "gate_proj", "down_proj")))
     randomise_adapter(model)
     model.train()
@@ -248,7 +249,7 @@ def test_zero_B_wrapped_model_logits_equal_base_exactly(arch):
 
 def test_only_adapter_parameters_get_gradients_and_base_is_unchanged_by_a_step(arch):
     model = tiny_model(arch)
-    cfg = MoELoraConfig(r=4, num_experts=3, layers=[1, 2])
+    cfg = MoELoraConfig(r=4, num_experts=3, layers_to_transform=[1, 2])
     apply_moe_lora(model, cfg)  # adapts the model in place, as get_peft_model does (its names stay the base's)
     wrapped = list(moe_lora_modules(model))
     randomise_adapter(model)
@@ -280,7 +281,7 @@ def test_only_adapter_parameters_get_gradients_and_base_is_unchanged_by_a_step(a
 
 def test_layer_subset_wraps_exactly_the_named_layers(arch):
     model = tiny_model(arch)
-    peft = apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, layers=[3, 0],
+    peft = apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, layers_to_transform=[3, 0],
                                                  target_modules=("up_proj", "o_proj")))
     wrapped = list(moe_lora_modules(peft))
     expected = [f"model.layers.{i}.{t}" for i in (0, 3) for t in ("self_attn.o_proj", "mlp.up_proj")]
@@ -295,7 +296,7 @@ def test_layer_subset_wraps_exactly_the_named_layers(arch):
 def test_out_of_range_layer_is_an_error_naming_the_layer_count(arch):
     model = tiny_model(arch)
     with pytest.raises(AdapterError, match=r"\[4, 9\] out of range.*4 decoder layers \(0\.\.3\)"):
-        model = apply_moe_lora(model, MoELoraConfig(layers=[0, 4, 9]))
+        model = apply_moe_lora(model, MoELoraConfig(layers_to_transform=[0, 4, 9]))
     assert not moe_lora_modules(model)
 
 
@@ -312,17 +313,41 @@ def test_unknown_target_is_an_error_listing_existing_modules(arch):
 
 def test_applying_twice_is_refused():
     model = tiny_model("llama")
-    peft = apply_moe_lora(model, MoELoraConfig(layers=[0]))
+    peft = apply_moe_lora(model, MoELoraConfig(layers_to_transform=[0]))
     with pytest.raises(AdapterError, match="already has MoE-LoRA"):
-        apply_moe_lora(model, MoELoraConfig(layers=[1]))  # the base model, adapted in place
+        apply_moe_lora(model, MoELoraConfig(layers_to_transform=[1]))  # the base model, adapted in place
     with pytest.raises(AdapterError, match="takes the base model.*add_adapter"):
-        apply_moe_lora(peft, MoELoraConfig(layers=[1]))
+        apply_moe_lora(peft, MoELoraConfig(layers_to_transform=[1]))
+
+
+def test_a_target_regex_is_matched_as_peft_does_and_one_matching_nothing_is_refused():
+    model = apply_moe_lora(tiny_model(), MoELoraConfig(target_modules=r".*\.(q_proj|v_proj)"))
+    assert sorted({n.split(".")[-1] for n in moe_lora_modules(model)}) == ["q_proj", "v_proj"]
+    with pytest.raises(AdapterError, match="comma-separated string is one regex"):
+        apply_moe_lora(tiny_model(), MoELoraConfig(target_modules="q_proj,v_proj"))
+    with pytest.raises(AdapterError, match="is not one"):
+        apply_moe_lora(tiny_model(), MoELoraConfig(target_modules="q_proj("))
+
+
+def test_an_adapter_folder_saved_with_the_old_alias_keys_still_loads(tmp_path):
+    """FLoE 0.1.0 wrote alpha/dropout/layers beside PEFT's lora_alpha/lora_dropout/layers_to_transform."""
+    model = apply_moe_lora(tiny_model(), MoELoraConfig(r=2, num_experts=2, lora_alpha=6.0, layers_to_transform=[1]))
+    randomise_adapter(model)
+    ids = input_ids()
+    expected = logits_of(model, ids)
+    save_adapter(model, tmp_path / "a")
+    path = tmp_path / "a" / moe_model.ADAPTER_CONFIG_NAME
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "alpha": 6.0, "dropout": 0.05, "layers": [1]}))
+    loaded = load_adapter(tiny_model(), tmp_path / "a")
+    assert adapter_config(loaded).lora_alpha == 6.0 and adapter_config(loaded).layers_to_transform == [1]
+    assert torch.equal(logits_of(loaded, ids), expected)
 
 
 @pytest.mark.parametrize("bad, field", [(dict(r=0), "r must"), (dict(num_experts=0), "num_experts"),
-                                        (dict(dropout=1.0), "dropout"), (dict(alpha=0), "alpha"),
+                                        (dict(lora_dropout=1.0), "lora_dropout"), (dict(lora_alpha=0), "lora_alpha"),
                                         (dict(target_modules=()), "target_modules"),
-                                        (dict(layers=[-1]), "layers")])
+                                        (dict(layers_to_transform=[-1]), "layers_to_transform")])
 def test_invalid_config_is_rejected_with_the_field_named(bad, field):
     with pytest.raises(ValueError, match=field):
         MoELoraConfig(**bad)
@@ -392,7 +417,7 @@ def test_router_probabilities_are_recorded_only_when_the_aux_loss_is_on():
     off(input_ids=ids)
     assert router_aux_loss(off) is None
     on = tiny_model("llama")
-    on = apply_moe_lora(on, MoELoraConfig(num_experts=2, router_aux_loss_coef=0.01, layers=[0, 2]))
+    on = apply_moe_lora(on, MoELoraConfig(num_experts=2, router_aux_loss_coef=0.01, layers_to_transform=[0, 2]))
     on(input_ids=ids)
     loss = router_aux_loss(on)
     assert loss.ndim == 0 and loss >= 1.0 - 1e-6
@@ -403,7 +428,7 @@ def test_router_probabilities_are_recorded_only_when_the_aux_loss_is_on():
 
 def test_save_load_round_trip_into_a_fresh_model_gives_identical_logits(arch, tmp_path):
     model = tiny_model(arch)
-    cfg = MoELoraConfig(r=4, num_experts=3, alpha=12.0, layers=[0, 3], target_modules=("v_proj", "down_proj"))
+    cfg = MoELoraConfig(r=4, num_experts=3, lora_alpha=12.0, layers_to_transform=[0, 3], target_modules=("v_proj", "down_proj"))
     model = apply_moe_lora(model, cfg)
     randomise_adapter(model)
     ids = input_ids()
@@ -418,7 +443,8 @@ def test_save_load_round_trip_into_a_fresh_model_gives_identical_logits(arch, tm
     fresh = tiny_model(arch)  # same seed: same base weights, adapter not yet applied
     loaded = load_adapter(fresh, out)
     assert isinstance(loaded, peft.PeftModel) and loaded.get_base_model() is fresh
-    assert adapter_config(loaded).settings() == cfg.settings()
+    section = MoELoraConfig.SECTION_FIELDS  # the hyperparameters (PEFT adds inference_mode, auto_mapping on load)
+    assert {k: to_dict(adapter_config(loaded))[k] for k in section} == {k: to_dict(cfg)[k] for k in section}
     assert sorted(moe_lora_modules(fresh)) == sorted(moe_lora_modules(model))
     assert torch.equal(logits_of(fresh, ids), expected)
     assert not any(p.requires_grad for p in fresh.parameters()), "loaded adapter is frozen by default"
@@ -430,7 +456,7 @@ def test_save_load_round_trip_into_a_fresh_model_gives_identical_logits(arch, tm
 
 def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     model = tiny_model("llama")
-    model = apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, layers=[1]))
+    model = apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, layers_to_transform=[1]))
     randomise_adapter(model, seed=1)
     out = tmp_path / "adapter"
     save_adapter(model, out)
@@ -472,14 +498,14 @@ def test_load_into_different_size_model_is_an_error_and_leaves_the_model_untouch
     assert not moe_lora_modules(bigger), "a failed load must not leave the model wrapped"
     assert all(p.requires_grad for p in bigger.parameters()), "requires_grad flags are restored"
     assert torch.equal(logits_of(bigger, ids), bigger_logits)
-    assert apply_moe_lora(bigger, MoELoraConfig(layers=[0])), "the model can still be adapted afterwards"
+    assert apply_moe_lora(bigger, MoELoraConfig(layers_to_transform=[0])), "the model can still be adapted afterwards"
 
     shallower = tiny_model(arch, num_hidden_layers=2)
     with pytest.raises(AdapterError, match=r"does not match.*unexpected \['base_model\.model\.model\.layers\.2\."):
         load_adapter(shallower, tmp_path / "all")  # saved for all 4 layers; this model has 2
     assert not moe_lora_modules(shallower)
     model2 = tiny_model(arch)
-    model2 = apply_moe_lora(model2, MoELoraConfig(r=4, num_experts=2, layers=[0, 3]))
+    model2 = apply_moe_lora(model2, MoELoraConfig(r=4, num_experts=2, layers_to_transform=[0, 3]))
     save_adapter(model2, tmp_path / "some")
     with pytest.raises(AdapterError, match=r"layer indices \[3\] out of range.*2 decoder layers"):
         load_adapter(shallower, tmp_path / "some")
@@ -488,10 +514,10 @@ def test_load_into_different_size_model_is_an_error_and_leaves_the_model_untouch
 
 def test_load_into_model_with_a_different_layer_set_is_an_error(tmp_path):
     model = tiny_model("llama")
-    model = apply_moe_lora(model, MoELoraConfig(layers=[2, 3]))
+    model = apply_moe_lora(model, MoELoraConfig(layers_to_transform=[2, 3]))
     save_adapter(model, tmp_path / "a")
     other = tiny_model("llama")
-    other = apply_moe_lora(other, MoELoraConfig(layers=[0, 1]))
+    other = apply_moe_lora(other, MoELoraConfig(layers_to_transform=[0, 1]))
     with pytest.raises(AdapterError, match=r"does not match the model's MoE-LoRA layers.*model\.layers\.0\.mlp.*"
                                            r"unexpected \['base_model\.model\.model\.layers\.2.*another model or layer set"):
         load_adapter(other, tmp_path / "a")
@@ -499,10 +525,10 @@ def test_load_into_model_with_a_different_layer_set_is_an_error(tmp_path):
 
 def test_load_into_model_with_different_scaling_is_an_error(tmp_path):
     model = tiny_model("llama")
-    model = apply_moe_lora(model, MoELoraConfig(r=4, alpha=8.0, layers=[0]))
+    model = apply_moe_lora(model, MoELoraConfig(r=4, lora_alpha=8.0, layers_to_transform=[0]))
     save_adapter(model, tmp_path / "a")
     other = tiny_model("llama")
-    other = apply_moe_lora(other, MoELoraConfig(r=4, alpha=32.0, layers=[0]))
+    other = apply_moe_lora(other, MoELoraConfig(r=4, lora_alpha=32.0, layers_to_transform=[0]))
     with pytest.raises(AdapterError, match="alpha"):
         load_adapter(other, tmp_path / "a")
 
@@ -531,7 +557,7 @@ def test_loading_a_folder_that_is_not_an_adapter_is_an_error(tmp_path):
 def test_one_expert_adapter_is_a_plain_peft_lora_adapter(arch, tmp_path):
     targets = ("q_proj", "v_proj", "down_proj")
     model = tiny_model(arch)
-    model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=1, alpha=12.0, dropout=0.1, layers=[1, 3],
+    model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=1, lora_alpha=12.0, lora_dropout=0.1, layers_to_transform=[1, 3],
                                                   target_modules=targets))
     wrapped = list(moe_lora_modules(model))
     randomise_adapter(model)
@@ -567,7 +593,7 @@ def test_mistral_model_is_wrapped_matches_reference_and_round_trips(tmp_path, mo
     model = tiny_model("mistral")
     ids = input_ids()
     base_logits = logits_of(model, ids)
-    model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=3, layers=[0, 2]))
+    model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=3, layers_to_transform=[0, 2]))
     wrapped = list(moe_lora_modules(model))
     assert sorted(wrapped) == sorted(mlp_names([0, 2]))
     assert torch.equal(logits_of(model, ids), base_logits)

@@ -83,7 +83,7 @@ def test_two_named_adapters_switch_with_set_adapter(tmp_path):
     model = tiny_model("qwen2")
     x = ids()
     pm = peft.get_peft_model(model, MoELoraConfig(r=4, num_experts=2, init_lora_weights=False), adapter_name="one")
-    pm.add_adapter("two", MoELoraConfig(r=2, num_experts=3, layers=[1], init_lora_weights=False))
+    pm.add_adapter("two", MoELoraConfig(r=2, num_experts=3, layers_to_transform=[1], init_lora_weights=False))
     one = logits(pm, x)
     pm.set_adapter("two")
     two = logits(pm, x)
@@ -154,7 +154,7 @@ def test_trained_adapter_reloads_with_peft_in_a_fresh_process_and_never_without_
 
 def test_old_format_folder_is_refused_naming_convert_adapter_and_converts_exactly(tmp_path, capsys):
     model = tiny_model("llama")
-    model = floe.apply_moe_lora(model, MoELoraConfig(r=2, num_experts=3, layers=[0, 2], alpha=6.0, init_lora_weights=False))
+    model = floe.apply_moe_lora(model, MoELoraConfig(r=2, num_experts=3, layers_to_transform=[0, 2], lora_alpha=6.0, init_lora_weights=False))
     x = ids()
     expected = logits(model, x)
     # the folder FLoE wrote before PEFT: (M, d_out, r) expert stacks, "router" linears
@@ -187,7 +187,6 @@ def test_old_format_folder_is_refused_naming_convert_adapter_and_converts_exactl
 
 def test_saved_adapter_names_the_base_model_the_user_asked_for_not_the_loaded_folder(tmp_path, recwarn):
     # a built-in model loads from a folder in this machine's cache; its adapter must name the model, not the folder
-    from floe.adapters.moe_lora import AdapterSettings
     from floe.pipeline.baselines import attach_peft
 
     model = tiny_model()
@@ -198,8 +197,8 @@ def test_saved_adapter_names_the_base_model_the_user_asked_for_not_the_loaded_fo
     assert not [w for w in recwarn if "renamed" in str(w.message)]
     plain = tiny_model()
     plain.config._name_or_path = str(tmp_path / "cache" / "models" / "smollm2-135m")
-    lora = attach_peft(plain, "lora", AdapterSettings(r=2, target_modules=["q_proj"],
-                                                      base_model_name_or_path="smollm2-135m"), None, 10, seed=0)
+    lora = attach_peft(plain, "lora", MoELoraConfig(r=2, target_modules=["q_proj"],
+                                                    base_model_name_or_path="smollm2-135m"), None, 10, seed=0)
     lora.save_pretrained(str(tmp_path / "lora"))
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
     model = tiny_model()  # no name asked for: the model's own, as PEFT does

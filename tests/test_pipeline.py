@@ -165,10 +165,10 @@ def test_a_selection_that_is_a_position_baseline_is_named_as_one():
 
 
 def test_a_layer_list_in_any_order_or_naming_every_layer_keys_the_same_training(finished_run):
-    from floe.adapters.moe_lora import AdapterSettings, adapter_state_dict
+    from floe.adapters.moe_lora import MoELoraConfig, adapter_state_dict
     from floe.pipeline.baselines import attach_peft
 
-    settings = AdapterSettings(r=2, num_experts=2)
+    settings = MoELoraConfig(r=2, num_experts=2)
     listed, unlisted = tiny_model(), tiny_model()
     listed = apply_moe_lora(listed, MoELoraConfig(r=2, num_experts=2, layers_to_transform=[3, 1, 0, 2]), seed=5)
     unlisted = apply_moe_lora(unlisted, MoELoraConfig(r=2, num_experts=2), seed=5)
@@ -208,7 +208,7 @@ def test_floe_select_table_names_a_choice_that_is_a_position_baseline():
 def test_moe_lora_baselines_train_exactly_their_adapter_parameters(layers):
     model = tiny_model("llama")  # hidden 32, intermediate 48, 4 layers
     r, m = 2, 3
-    model = apply_moe_lora(model, MoELoraConfig(r=r, num_experts=m, layers=layers))
+    model = apply_moe_lora(model, MoELoraConfig(r=r, num_experts=m, layers_to_transform=layers))
     per_module = {"gate_proj": (32, 48), "up_proj": (32, 48), "down_proj": (48, 32)}
     by_hand = sum(r * d_in + m * d_out * r + m * d_in for d_in, d_out in per_module.values())
     n_layers = 4 if layers is None else len(layers)
@@ -220,7 +220,7 @@ def test_lisa_trains_only_the_drawn_layers_and_redraws_them(tmp_path):
     from floe.training import TrainConfig, train
 
     model = tiny_model("llama")
-    model = apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, dropout=0.0), seed=0)
+    model = apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, lora_dropout=0.0), seed=0)
     params = adapter_params_by_layer(model)
     snapshots = []
 
@@ -266,12 +266,12 @@ def test_report_pools_seeds_into_mean_and_std():
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_peft_baselines_train_exactly_their_parameters(method, tmp_path):
-    from floe.adapters.moe_lora import AdapterSettings
+    from floe.adapters.moe_lora import MoELoraConfig
     from floe.pipeline.baselines import attach_peft
     from floe.training import TrainConfig, train
 
     model = tiny_model("llama")  # hidden 32, intermediate 48
-    model = attach_peft(model, method, AdapterSettings(r=2, num_experts=1), None, total_steps=2, seed=0)
+    model = attach_peft(model, method, MoELoraConfig(r=2, num_experts=1), None, total_steps=2, seed=0)
     per_module = {"gate_proj": (32, 48), "up_proj": (32, 48), "down_proj": (48, 32)}
     by_hand = sum(2 * (d_in + d_out) + (d_out if method == "dora" else 0) for d_in, d_out in per_module.values())
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 4 * by_hand

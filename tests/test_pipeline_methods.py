@@ -18,11 +18,11 @@ HIDDEN = 32  # tiny_model's hidden size
 
 
 def _prompt_model(method: str, n: int = 5):
-    from floe.adapters.moe_lora import AdapterSettings
+    from floe.adapters.moe_lora import MoELoraConfig
     from floe.pipeline.baselines import attach_peft
 
     model = tiny_model("llama")
-    return model, attach_peft(model, method, AdapterSettings(), None, total_steps=2, seed=0, virtual_tokens=n)
+    return model, attach_peft(model, method, MoELoraConfig(), None, total_steps=2, seed=0, virtual_tokens=n)
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
@@ -117,6 +117,7 @@ def test_a_bad_search_range_fails_before_any_stage(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.filterwarnings("ignore:config key:FutureWarning")  # the recorded config holds the keys' old names
 def test_fields_added_later_leave_recorded_cell_fingerprints_alone():
     from floe.pipeline.experiment import cell_fingerprint
 
@@ -126,6 +127,8 @@ def test_fields_added_later_leave_recorded_cell_fingerprints_alone():
     assert cell_fingerprint(cfg) == row["fingerprint"]
     cfg.virtual_tokens = 7
     assert cell_fingerprint(cfg) != row["fingerprint"]
+
+
 def test_full_fine_tuning_trains_every_weight_and_evaluates_from_a_cached_stage(tmp_path):
     import shutil
 

@@ -215,7 +215,7 @@ def test_a_run_with_other_settings_in_the_same_folder_writes_nothing(tiny_job, t
 
 def _fresh_model():
     m = tiny_model("qwen2")
-    m = apply_moe_lora(m, MoELoraConfig(r=4, num_experts=2, dropout=0.1), seed=0)
+    m = apply_moe_lora(m, MoELoraConfig(r=4, num_experts=2, lora_dropout=0.1), seed=0)
     return m
 
 

@@ -53,7 +53,7 @@ def adapted_model(arch: str = "llama", seed: int = 0, dtype=torch.float32, **ove
     """A tiny model with a full-layer MoE-LoRA whose B matrices are random (so the adapter matters)."""
     model = tiny_model(arch, seed=seed, **overrides)
     torch.manual_seed(seed + 1)
-    model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=2, dropout=0.0))
+    model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=2, lora_dropout=0.0))
     g = torch.Generator().manual_seed(seed + 2)
     for name, p in model.named_parameters():
         if ".lora_B." in name:

@@ -66,7 +66,7 @@ def planted_model():
                 frozen.append(linear.weight)
     _fit(model, [p for p in model.parameters() if all(p is not f for f in frozen)], 150, 1e-2, seed=7)
     torch.manual_seed(4)
-    model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=2, dropout=0.0))
+    model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=2, lora_dropout=0.0))
     _fit(model, [p for p in model.parameters() if p.requires_grad], 30, 3e-3, seed=1)  # warm-up
     return model
 

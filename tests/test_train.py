@@ -30,7 +30,7 @@ def test_training_lowers_validation_loss_and_saves_only_the_adapter(tmp_path):
     data = tokenized(24, tmp_path)
     model = tiny_model("llama")
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=2, dropout=0.0))
+    model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=2, lora_dropout=0.0))
     res = train(model, make_tokenizer(), data, data, _cfg(tmp_path / "run", max_steps=25, save_steps=10))
     assert res.steps == 25
     assert res.final_eval_loss < res.initial_eval_loss - 0.5
@@ -70,7 +70,7 @@ def test_keep_best_saves_the_adapter_of_the_lowest_validation_loss_and_a_resume_
 
     def fresh():
         m = tiny_model("llama")
-        m = apply_moe_lora(m, MoELoraConfig(r=4, num_experts=2, dropout=0.0), seed=2)
+        m = apply_moe_lora(m, MoELoraConfig(r=4, num_experts=2, lora_dropout=0.0), seed=2)
         return m
 
     # a learning rate high enough that the validation loss goes up again: best is not the last step
@@ -105,8 +105,8 @@ def test_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp
         m = tiny_model("qwen2")
         torch.manual_seed(0)
         if how == "get_peft_model":
-            return peft.get_peft_model(m, MoELoraConfig(r=4, num_experts=3, dropout=0.1))
-        m = apply_moe_lora(m, MoELoraConfig(r=4, num_experts=3, dropout=0.1))
+            return peft.get_peft_model(m, MoELoraConfig(r=4, num_experts=3, lora_dropout=0.1))
+        m = apply_moe_lora(m, MoELoraConfig(r=4, num_experts=3, lora_dropout=0.1))
         return m
 
     ref = fresh()
@@ -127,7 +127,7 @@ def test_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp
 def test_only_adapter_parameters_receive_gradients_during_training(tmp_path):
     data = tokenized(8, tmp_path)
     model = tiny_model("gemma")
-    model = apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, layers=[1, 2]))
+    model = apply_moe_lora(model, MoELoraConfig(r=2, num_experts=2, layers_to_transform=[1, 2]))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(("lora_" in n or "router" in n) and (".1." in n or ".2." in n) for n in names)
     train(model, make_tokenizer(), data, None, _cfg(tmp_path / "g", max_steps=2))
@@ -143,7 +143,7 @@ def test_train_refuses_a_model_without_adapter(tmp_path):
 def test_saved_adapter_reloads_into_fresh_model_with_identical_logits(tmp_path):
     data = tokenized(8, tmp_path)
     model = tiny_model("llama")
-    model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=2, layers=[0, 3]))
+    model = apply_moe_lora(model, MoELoraConfig(r=4, num_experts=2, layers_to_transform=[0, 3]))
     res = train(model, make_tokenizer(), data, None, _cfg(tmp_path / "r", max_steps=5))
     fresh = tiny_model("llama")
     load_adapter(fresh, res.adapter_dir)

@@ -21,7 +21,6 @@ _EXPORTS = {
     "apply_moe_lora": "floe.adapters.moe_lora",
     "save_adapter": "floe.adapters.moe_lora",
     "load_adapter": "floe.adapters.moe_lora",
-    "AdapterSettings": "floe.adapters.moe_lora",
     "adapters_disabled": "floe.adapters.moe_lora",
     "train": "floe.training",
     "TrainConfig": "floe.training",

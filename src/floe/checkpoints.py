@@ -30,6 +30,7 @@ from floe.adapters.moe_lora.model import (
     read_weights,
     save_adapter,
 )
+from floe.config import to_dict
 from floe.errors import InputError
 from floe.io import atomic_dir, atomic_write_text, share_tree
 
@@ -175,7 +176,7 @@ def _adapter_settings(model) -> dict[str, Any]:
     if not isinstance(model, PeftModel):
         return {"full_finetune": True}
     if is_moe_lora(model):
-        return adapter_config(model).settings()
+        return to_dict(adapter_config(model))
     return {k: v for k, v in model.peft_config[model.active_adapter].to_dict().items() if k != "revision"}
 
 

@@ -9,6 +9,8 @@ import ast
 import copy
 import dataclasses
 import difflib
+import enum
+import functools
 import inspect
 import types
 import typing
@@ -46,10 +48,10 @@ def field_docs(cls: type) -> dict[str, str]:
 
 # Names users bring from other tools (PEFT, Hugging Face TrainingArguments) and from floe's flags → our keys.
 # Only for the did-you-mean of an unknown key: a config must use our key itself.
-ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "experts": "num_experts",
+ALIASES = {"rank": "r", "lora_r": "r", "experts": "num_experts",
            "lr": "learning_rate", "steps": "max_steps", "epochs": "num_epochs", "num_train_epochs": "num_epochs",
            "per_device_train_batch_size": "batch_size", "bsz": "batch_size", "model_name": "name",
-           "dataset": "source", "target": "target_modules", "layers_to_transform": "layers"}
+           "dataset": "source", "target": "target_modules"}
 
 
 def _suggest(name: str, known: list[str]) -> str:
@@ -135,6 +137,43 @@ def _declared(default: Any, fields: dict[str, dataclasses.Field]) -> dict[str, A
     return out
 
 
+def _renamed(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """``data`` (one section of ``cls``) with the keys ``cls.RENAMED`` maps read as their new names,
+    each with a one-line ``FutureWarning``; setting both names is an error."""
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        if old in data:
+            at = where + "." if where else ""
+            if new in data:
+                raise ConfigError(f"both '{at}{old}' and '{at}{new}' are set: '{old}' is the old name of '{new}'; "
+                                  f"keep only '{new}'")
+            warnings.warn(f"config key '{at}{old}' is deprecated: rename it to '{at}{new}'", FutureWarning,
+                          stacklevel=3)
+            data[new] = data.pop(old)
+    return data
+
+
+def _section_type(tp: Any) -> type | None:
+    """The dataclass a field of type ``tp`` holds (``X`` or ``X | None``), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), None)
+    return None
+
+
+def renamed_keys(cls: type, tree: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """A copy of config ``tree`` for job class ``cls`` with every renamed key, in any section, under its
+    new name (warned once). Apply it to each source (file, ``--set``) before they merge, so a newer
+    key from one overrides an old-named key from another instead of clashing with it."""
+    tree = _renamed(cls, dict(tree), where)
+    hints = typing.get_type_hints(cls)
+    for key, value in tree.items():
+        sub = _section_type(hints.get(key)) if key in hints else None
+        if sub is not None and isinstance(value, dict):
+            tree[key] = renamed_keys(sub, value, f"{where}.{key}" if where else key)
+    return tree
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "", default: T | None = None) -> T:
     """Build dataclass ``cls`` from a mapping; unknown keys get a did-you-mean error.
 
@@ -143,16 +182,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "", defaul
     ``eval.max_examples`` keeps ``max_new_tokens`` 32); ``default`` is that declared instance. Every
     ``__post_init__`` check runs on the result. A key ``cls.RENAMED`` maps to its new name is read as
     that name, with a one-line ``FutureWarning``."""
-    data = dict(data or {})
-    for old, new in getattr(cls, "RENAMED", {}).items():
-        if old in data:
-            at = where + "." if where else ""
-            if new in data:
-                raise ConfigError(f"both '{at}{old}' and '{at}{new}' are set: '{old}' is the old name of '{new}'; "
-                                  f"keep only '{new}'")
-            warnings.warn(f"config key '{at}{old}' is deprecated: rename it to '{at}{new}'", FutureWarning,
-                          stacklevel=2)
-            data[new] = data.pop(old)
+    data = _renamed(cls, dict(data or {}), where)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
@@ -194,11 +224,38 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def section_fields(obj: Any) -> list[dataclasses.Field]:
+    """The fields of config section ``obj`` (a dataclass or its class) that are listed and recorded.
+
+    All of them, except for a section whose class names ``SECTION_FIELDS``: a library's config
+    with many more fields than a job uses (the ``adapter:`` section is PEFT's ``LoraConfig``).
+    Those fields are listed, and any other is recorded only where it differs from a default
+    instance, so a job that leaves PEFT's other knobs alone records (and fingerprints) the same."""
+    fields = list(dataclasses.fields(obj))
+    shown = getattr(obj, "SECTION_FIELDS", None)
+    if shown is None:
+        return fields
+    if isinstance(obj, type):
+        return [f for name in shown for f in fields if f.name == name]
+    default = _default_instance(type(obj))
+    return [f for name in shown for f in fields if f.name == name] + [
+        f for f in fields if f.name not in shown and f.init and getattr(obj, f.name) != getattr(default, f.name)]
+
+
+@functools.cache
+def _default_instance(cls: type) -> Any:
+    return cls()
+
+
 def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in section_fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if isinstance(obj, enum.Enum):
+        return obj.value
     return obj
 
 
@@ -208,7 +265,7 @@ def describe(cls_or_job: Any, prefix: str = "") -> list[str]:
     lines = []
     is_job = not isinstance(cls_or_job, type)
     docs = field_docs(type(cls_or_job) if is_job else cls_or_job)
-    for f in dataclasses.fields(cls_or_job):
+    for f in section_fields(cls_or_job):
         if is_job:
             value = getattr(cls_or_job, f.name)
         else:
@@ -219,7 +276,11 @@ def describe(cls_or_job: Any, prefix: str = "") -> list[str]:
             lines += describe(value if is_job else type(value), prefix + "  ")
         else:
             lines.append(f"{prefix}{f.name}: {yaml.safe_dump(to_dict(value), default_flow_style=True).strip().removesuffix('...').strip()}"
-                         f"  # {docs.get(f.name, '')}")
+                         f"  # {docs.get(f.name) or f.metadata.get('help', '')}")
+    klass = type(cls_or_job) if is_job else cls_or_job
+    if getattr(klass, "SECTION_FIELDS", None) is not None:  # a library's config: say what else it takes
+        base = next(k for k in klass.__mro__[1:] if dataclasses.is_dataclass(k))
+        lines.append(f"{prefix}# ... and any other field of {base.__module__.split('.')[0]}.{base.__name__}")
     return lines
 
 

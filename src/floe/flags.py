@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from floe.config import ConfigError, from_dict, load_yaml, merge
+from floe.config import ConfigError, from_dict, load_yaml, merge, renamed_keys
 
 FlagTable = dict[str, tuple[str, dict[str, Any]]]
 """flag (aliases separated by spaces, e.g. ``"--output -o"``) → (dotted config key, argparse kwargs)."""
@@ -19,6 +19,14 @@ EPILOG = """Every job reads one YAML file (--config) whose keys mirror the datac
 API; command-line flags override it, and --set a.b=value overrides any key. `floe train
 --print-config` prints every key with its value (the defaults, or as the file, flags and --set
 resolve it) and a one-line description."""
+
+
+def parse_names(text: str) -> list[str]:
+    """'gate_proj, up_proj' → ['gate_proj', 'up_proj'] (a list: PEFT reads a single string as a regex)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated module names like 'gate_proj,up_proj', got {text!r}")
+    return names
 
 
 def parse_layers(text: str) -> list[int] | None:
@@ -71,11 +79,12 @@ SHARED_FLAGS: FlagTable = {
     "--fraction": ("data.fraction", dict(type=float, help="share of the training split to use (the paper's warm-up sample: 0.5)")),
     "--max-train-examples": ("data.max_train_examples", dict(type=int, help="cap on training examples")),
     "--max-eval-examples": ("data.max_eval_examples", dict(type=int, help="cap on validation examples")),
-    "--layers": ("adapter.layers", dict(type=parse_layers, help="decoder layers to adapt: 'all' or e.g. '0,3,5-7'")),
+    "--layers": ("adapter.layers_to_transform", dict(type=parse_layers, help="decoder layers to adapt: 'all' or e.g. '0,3,5-7'")),
     "--r": ("adapter.r", dict(type=int, help="LoRA rank")),
     "--experts": ("adapter.num_experts", dict(type=int, help="number of expert B matrices (1 = plain LoRA)")),
-    "--alpha": ("adapter.alpha", dict(type=float, help="LoRA alpha (scaling alpha/r)")),
-    "--targets": ("adapter.target_modules", dict(help="comma-separated module names, e.g. gate_proj,up_proj,down_proj")),
+    "--alpha": ("adapter.lora_alpha", dict(type=float, help="LoRA alpha (scaling alpha/r)")),
+    "--targets": ("adapter.target_modules", dict(type=parse_names,
+                                                 help="comma-separated module names, e.g. gate_proj,up_proj,down_proj")),
     "--steps": ("train.max_steps", dict(type=int, help="optimizer steps")),
     "--batch-size": ("train.batch_size", dict(type=int, help="examples per device per step")),
     "--lr": ("train.learning_rate", dict(type=float, help="peak learning rate")),
@@ -121,12 +130,14 @@ def add_job_command(subparsers, name: str, flags: FlagTable, func: Callable[[arg
 
 
 def config_tree(args: argparse.Namespace, flags: FlagTable, other_commands_sections: tuple[str, ...] = (),
-                moved_keys: dict[str, str] | None = None) -> dict[str, Any]:
+                moved_keys: dict[str, str] | None = None, cls: type | None = None) -> dict[str, Any]:
     """The config tree of a job: ``--config``, then the flags the user gave, then ``--set``.
 
     ``other_commands_sections``: top-level sections of a shared config file that belong to other
     commands (e.g. ``train`` for ``floe select``) and are ignored here. ``moved_keys``: older
     dotted keys of the file → the keys they now live at (the older spelling keeps working).
+    ``cls``: the job class, whose renamed keys (``RENAMED``) are read under their new names in
+    the file and in ``--set`` before the flags go on top, so a flag wins over an old-named key.
     """
     tree: dict[str, Any] = load_yaml(args.config) if args.config else {}
     for section in other_commands_sections:
@@ -136,14 +147,17 @@ def config_tree(args: argparse.Namespace, flags: FlagTable, other_commands_secti
         node = tree.get(section) if section else tree
         if isinstance(node, dict) and key in node:
             _set_path(tree, new, node.pop(key))
+    given = parse_set(args.set)
+    if cls is not None:
+        tree, given = renamed_keys(cls, tree), renamed_keys(cls, given)
     for key, _ in flags.values():
         dest = key.replace(".", "__")
         if hasattr(args, dest):  # flags the user gave (defaults are suppressed)
             _set_path(tree, key, getattr(args, dest))
-    return merge(tree, parse_set(args.set))
+    return merge(tree, given)
 
 
 def job_from_args(cls: type, args: argparse.Namespace, flags: FlagTable, other_commands_sections: tuple[str, ...] = (),
                   moved_keys: dict[str, str] | None = None):
     """Build job dataclass ``cls`` from :func:`config_tree` (bad keys and values: ``ConfigError``)."""
-    return from_dict(cls, config_tree(args, flags, other_commands_sections, moved_keys))
+    return from_dict(cls, config_tree(args, flags, other_commands_sections, moved_keys, cls))

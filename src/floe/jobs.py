@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from floe.adapters.moe_lora import AdapterSettings, apply_moe_lora, moe_lora_modules
+from floe.adapters.moe_lora import MoELoraConfig, apply_moe_lora, moe_lora_modules
 from floe.arch import trainable_parameter_count
 from floe.checkpoints import METRICS_FILE, NEUTRAL_KEYS, clear_run
 from floe.config import config_differences, to_dict
@@ -31,8 +31,8 @@ class TrainJob:
     """The base model."""
     data: DataSpec = field(default_factory=DataSpec)
     """Training and validation data."""
-    adapter: AdapterSettings = field(default_factory=AdapterSettings)
-    """MoE-LoRA rank, experts, target modules and layers."""
+    adapter: MoELoraConfig = field(default_factory=MoELoraConfig)
+    """MoE-LoRA (PEFT's LoraConfig names): rank, experts, lora_alpha, target modules, layers_to_transform."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimiser, schedule, steps, checkpoints."""
     export_peft: bool = False

@@ -49,8 +49,8 @@ class DataSpec:
 def split_options(spec: DataSpec) -> dict:
     """The options of :func:`floe.data.load_records` that decide which examples a split holds: the one
     mapping of a data spec onto the loader, so every job and stage draws the same split."""
-    return dict(seed=spec.seed, max_per_task=spec.max_per_task, val_fraction=spec.val_fraction,
-                test_fraction=spec.test_fraction, on_error=spec.on_error)
+    return {"seed": spec.seed, "max_per_task": spec.max_per_task, "val_fraction": spec.val_fraction,
+            "test_fraction": spec.test_fraction, "on_error": spec.on_error}
 
 
 def load_split(spec: DataSpec, tokenizer, split: str, max_examples: int | None):

@@ -10,7 +10,7 @@ TRAIN_FLAGS: FlagTable = {
     **shared("--max-train-examples", "--max-eval-examples", "--fraction", "--layers", "--r", "--experts", "--alpha",
              "--targets", "--steps", "--batch-size", "--lr",
              steps="optimizer steps (overrides --epochs)"),
-    "--dropout": ("adapter.dropout", dict(type=float, help="adapter input dropout")),
+    "--dropout": ("adapter.lora_dropout", dict(type=float, help="adapter input dropout")),
     "--epochs": ("train.num_epochs", dict(type=float, help="passes over the training data")),
     "--grad-accum": ("train.gradient_accumulation_steps", dict(type=int, help="gradient accumulation steps")),
     "--seed": ("train.seed", dict(type=int, help="random seed")),

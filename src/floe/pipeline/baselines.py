@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from floe.adapters.moe_lora import AdapterSettings
+from floe.adapters.moe_lora import MoELoraConfig
 from floe.adapters.naming import attach
 from floe.arch import trainable_parameter_count
 
@@ -25,7 +25,7 @@ PROMPT_METHODS = ("prompt_tuning", "p_tuning")
 PEFT_METHODS = LORA_METHODS + PROMPT_METHODS
 
 
-def peft_config(method: str, settings: AdapterSettings, layers: list[int] | None, total_steps: int,
+def peft_config(method: str, settings: MoELoraConfig, layers: list[int] | None, total_steps: int,
                 virtual_tokens: int = 20, allocation: dict[str, Any] | None = None):
     """The PEFT config of ``method`` with MoE-LoRA's targets, rank, alpha and dropout.
 
@@ -36,8 +36,8 @@ def peft_config(method: str, settings: AdapterSettings, layers: list[int] | None
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual_tokens)
     if method == "p_tuning":  # PEFT's default encoder: a 2-layer MLP of the model's hidden size
         return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual_tokens)
-    common = {"target_modules": list(settings.target_modules), "lora_alpha": settings.alpha,
-              "lora_dropout": settings.dropout, "layers_to_transform": layers, "task_type": "CAUSAL_LM"}
+    common = {"target_modules": list(settings.target_modules), "lora_alpha": settings.lora_alpha,
+              "lora_dropout": settings.lora_dropout, "layers_to_transform": layers, "task_type": "CAUSAL_LM"}
     if method == "adalora":
         return AdaLoraConfig(init_r=max(settings.r * 3 // 2, settings.r), target_r=settings.r,
                              total_step=total_steps, tinit=total_steps // 10, tfinal=total_steps // 5, **common)
@@ -48,7 +48,7 @@ def peft_config(method: str, settings: AdapterSettings, layers: list[int] | None
     return LoraConfig(r=settings.r, use_dora=method == "dora", **common)
 
 
-def attach_peft(model, method: str, settings: AdapterSettings, layers: list[int] | None, total_steps: int,
+def attach_peft(model, method: str, settings: MoELoraConfig, layers: list[int] | None, total_steps: int,
                 seed: int, **kwargs: Any):
     """``method``'s adapter on ``model``, initialised from ``seed``: the ``PeftModel``."""
     config = peft_config(method, settings, layers, total_steps, **kwargs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from floe.adapters.moe_lora import AdapterSettings
+from floe.adapters.moe_lora import MoELoraConfig
 from floe.errors import InputError
 from floe.evaluation import EvalConfig
 from floe.evaluation.retention import RetentionConfig, check_outside_training
@@ -91,8 +91,8 @@ class RunConfig:
     """The base model."""
     data: DataSpec = field(default_factory=DataSpec)
     """Training, validation and test data (the same seeded split for every method)."""
-    adapter: AdapterSettings = field(default_factory=AdapterSettings)
-    """MoE-LoRA rank r, experts M, targets (its layers are set by the method)."""
+    adapter: MoELoraConfig = field(default_factory=MoELoraConfig)
+    """MoE-LoRA (PEFT's LoraConfig names): r, experts M, lora_alpha, targets (its layers are set by the method)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimiser and schedule of the final training (output_dir and seed are set by the run)."""
     warmup_run: WarmupSpec = field(default_factory=WarmupSpec)

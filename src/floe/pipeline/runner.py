@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from floe.adapters.moe_lora import apply_moe_lora, load_adapter
+from floe.adapters.moe_lora.config import fingerprint_form
 from floe.arch import text_config
 from floe.checkpoints import NEUTRAL_KEYS
 from floe.config import to_dict
@@ -53,7 +54,8 @@ class _Run:
         self.searched: dict[str, int] = {}  # r and num_experts of the search stage, set by run() when enabled
         self.search_stage: Stage | None = None
         self.common = {"model": to_dict(cfg.model), "data": to_dict(cfg.data), "seed": cfg.seed,
-                       "adapter": {k: v for k, v in to_dict(cfg.adapter).items() if k not in ("layers", "base_model_name_or_path")},
+                       "adapter": {k: v for k, v in fingerprint_form(to_dict(cfg.adapter)).items()
+                                   if k not in ("layers", "base_model_name_or_path")},
                        "train": {k: v for k, v in to_dict(cfg.train).items() if k not in NEUTRAL_KEYS | {"seed"}}}
 
     @property
@@ -86,7 +88,7 @@ class _Run:
 
     def attach(self, model, layers: list[int] | None):
         """MoE-LoRA on ``layers`` of ``model`` (None: all), initialised from the run's seed: the PeftModel."""
-        return apply_moe_lora(model, dataclasses.replace(self.adapter, layers=layers), seed=self.cfg.seed)
+        return apply_moe_lora(model, dataclasses.replace(self.adapter, layers_to_transform=layers), seed=self.cfg.seed)
 
     def searched_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """A training stage's cache key with the r and M it trains with: the searched pair replaces the config's
@@ -209,7 +211,7 @@ class _Run:
 
         a = self.adapter
         config = AllocateConfig(budget_rank=a.r, target_modules=tuple(a.target_modules), num_passes=self.cfg.fim_passes,
-                                lora_alpha=a.alpha, lora_dropout=a.dropout, seed=self.cfg.seed)
+                                lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, seed=self.cfg.seed)
         stage = Stage("allocate", {"model": self.common["model"], "data": self.common["data"], "seed": self.cfg.seed,
                                    "batch_size": self.cfg.train.batch_size, "config": to_dict(config)}, self.root)
 
@@ -237,7 +239,7 @@ class _Run:
             objective = make_training_objective(
                 self.base_model, self.tokenizer, train_ds, val_ds,
                 dataclasses.replace(self.train_config(folder), max_steps=spec.steps),
-                adapter=dataclasses.replace(self.cfg.adapter, layers=None), eval_points=spec.eval_points)
+                adapter=dataclasses.replace(self.cfg.adapter, layers_to_transform=None), eval_points=spec.eval_points)
             result = search_rank(objective, self.cfg.search_config(), output_dir=folder / "study",
                                  context={"search_stage": stage.fingerprint}, log=self.log)
             if result.best is None:

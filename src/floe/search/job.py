@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from floe.adapters.moe_lora import AdapterSettings
+from floe.adapters.moe_lora import MoELoraConfig
+from floe.adapters.moe_lora.config import fingerprint_form
 from floe.config import to_dict
-from floe.specs import DataSpec, ModelSpec
 from floe.search.config import SearchConfig, SearchError
 from floe.search.report import CONTOUR_NAME, JSON_NAME, PLOT_NAME, SearchResult, format_table, format_trial
 from floe.search.storage import DEFAULT_STUDY_NAME, default_storage_url, peek_study, redact_url
 from floe.search.study import search_rank
+from floe.specs import DataSpec, ModelSpec
 from floe.training import TrainConfig
 
 
@@ -32,8 +33,8 @@ class SearchJob:
     """The base model."""
     data: DataSpec = field(default_factory=DataSpec)
     """Training and validation data (the paper searches on its 50 % warm-up sample: data.fraction 0.5)."""
-    adapter: AdapterSettings = field(default_factory=AdapterSettings)
-    """Alpha, dropout, target modules and layers of the adapter; r and num_experts are searched."""
+    adapter: MoELoraConfig = field(default_factory=MoELoraConfig)
+    """lora_alpha, lora_dropout, target modules and layers_to_transform of the adapter; r and num_experts are searched."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, report_to=[], progress_bar=False))
     """Optimiser settings of one trial; train.max_steps is the length of a trial."""
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -51,7 +52,7 @@ class SearchJob:
 def search_context(job: SearchJob) -> dict[str, Any]:
     """What a trial's loss depends on besides (r, M); a study only accepts workers that agree."""
     t = job.train
-    adapter = {k: v for k, v in to_dict(job.adapter).items()
+    adapter = {k: v for k, v in fingerprint_form(to_dict(job.adapter)).items()
                if k not in ("r", "num_experts", "base_model_name_or_path", "extra")}
     return {
         "model": job.model.name, "dtype": job.model.dtype, "data": to_dict(job.data), "adapter": adapter,
@@ -78,17 +79,17 @@ def check_job(job: SearchJob) -> tuple[str, int]:
 
 
 def _check_layers(job: SearchJob, n_layers: int) -> None:
-    layers = job.adapter.layers
+    layers = job.adapter.layers_to_transform
     if layers is None:
         return
     bad = [i for i in layers if not 0 <= int(i) < n_layers]
     if not layers or bad:
         what = "no layer" if not layers else f"layer(s) {bad} out of range"
-        raise SearchError(f"adapter.layers (--layers) names {what}: {job.model.name} has {n_layers} decoder "
+        raise SearchError(f"adapter.layers_to_transform (--layers) names {what}: {job.model.name} has {n_layers} decoder "
                           f"layers (0..{n_layers - 1}). Fix: give 'all' or indices like '0,3,5-7' within that range")
 
 
-def _check_adapter(model: Any, adapter: AdapterSettings, search: SearchConfig) -> None:
+def _check_adapter(model: Any, adapter: MoELoraConfig, search: SearchConfig) -> None:
     """Attach the largest adapter of the search space to a copy of the model: bad target modules
     or a rank beyond a target's size fail here, before the study exists, not in trial 0."""
     import torch
@@ -110,9 +111,9 @@ def run_search_job(job: SearchJob, log: Callable[[str], None] = print) -> Search
     the data -- before anything is written: a failed start leaves no study, folder or file behind.
     """
     from floe.arch import decoder_layers
-    from floe.specs import load_splits
     from floe.models import load_model
     from floe.search.objective import make_training_objective
+    from floe.specs import load_splits
 
     url, done = check_job(job)
     if done:
@@ -132,7 +133,7 @@ def run_search_job(job: SearchJob, log: Callable[[str], None] = print) -> Search
                           "examples; a search needs both: use more data, or raise data.val_fraction / "
                           "--max-eval-examples")
     objective = make_training_objective(lambda: copy.deepcopy(model), tokenizer, train_ds, eval_ds, job.train,
-                                        layers=job.adapter.layers, adapter=adapter, eval_points=job.eval_points)
+                                        layers=job.adapter.layers_to_transform, adapter=adapter, eval_points=job.eval_points)
     s = job.search
     if s.pruner == "halving" and s.halving_min_resource is None:  # first rung at the first evaluation
         s = dataclasses.replace(s, halving_min_resource=job.train.max_steps // job.eval_points)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from transformers import TrainerCallback
 
-from floe.adapters.moe_lora import AdapterSettings, MoELoraConfig, apply_moe_lora
+from floe.adapters.moe_lora import MoELoraConfig, apply_moe_lora
 from floe.search.config import SearchError
 from floe.search.trial import ObjectiveFn, Reporter
 from floe.training import TrainConfig, train
@@ -69,7 +69,7 @@ def make_training_objective(
     train_config: TrainConfig,
     layers: Sequence[int] | None = None,
     *,
-    adapter: AdapterSettings | MoELoraConfig | None = None,
+    adapter: MoELoraConfig | None = None,
     eval_points: int = 4,
     keep_dir: str | None = None,
 ) -> ObjectiveFn:
@@ -82,8 +82,8 @@ def make_training_objective(
         train_config: optimiser settings; ``max_steps`` (> 0) is the length of a trial. Its
             output folder, evaluation schedule, checkpointing and logging are overridden per trial.
         layers: decoder layers to adapt (None: all, as the paper's warm-up search).
-        adapter: alpha, dropout and target modules of the adapter (``r``, ``num_experts`` and
-            ``layers`` are set per trial); default ``AdapterSettings()``.
+        adapter: lora_alpha, lora_dropout and target modules of the adapter (``r``, ``num_experts``
+            and ``layers_to_transform`` are set per trial); default ``MoELoraConfig()``.
         eval_points: validation losses per trial (the last one is the trial's value).
         keep_dir: where per-trial training folders go when the search gives none (``search_rank``
             with an ``output_dir`` runs each trial in ``<output_dir>/trials/trial-<n>`` and removes
@@ -95,7 +95,7 @@ def make_training_objective(
     schedule = eval_schedule(train_config.max_steps, eval_points)
     if len(train_data) == 0 or len(eval_data) == 0:
         raise SearchError(f"empty data: {len(train_data)} training and {len(eval_data)} validation examples")
-    base_adapter = adapter or AdapterSettings()
+    base_adapter = adapter or MoELoraConfig()
     layer_list = None if layers is None else sorted({int(i) for i in layers})
 
     def objective(r: int, num_experts: int, report: Reporter) -> float:
@@ -111,7 +111,7 @@ def make_training_objective(
         try:
             torch.manual_seed(cfg.seed)  # same adapter initialisation stream for every (r, M)
             model = apply_moe_lora(model_factory(), dataclasses.replace(base_adapter, r=r, num_experts=num_experts,
-                                                                          layers=layer_list))
+                                                                          layers_to_transform=layer_list))
             result = train(model, tokenizer, train_data, eval_data, cfg,
                            callbacks=[_ReportCallback(report, train_config.max_steps)])
             value = result.final_eval_loss

@@ -1,7 +1,7 @@
 """MoE-LoRA (HydraLoRA-style): a shared A, M expert B matrices and a softmax router, as a PEFT LoRA adapter.
 
-Names are imported lazily (``AdapterSettings`` and the CLI's ``convert`` module need no PEFT), so
-that building the ``floe`` command line does not import PEFT.
+Names are imported lazily (the CLI's ``convert`` module needs no PEFT), so that building the
+``floe convert-adapter`` parser does not import PEFT.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "AdapterSettings": "settings", "FLOE_PEFT_TYPE": "peft_hook",
+    "FLOE_PEFT_TYPE": "peft_hook",
     "MoELoraConfig": "config", "MoELoraLinear": "layer",
     **{name: "model" for name in (
         "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "AdapterError", "MoELoraView", "adapter_config",

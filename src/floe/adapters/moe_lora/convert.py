@@ -20,7 +20,7 @@ def convert_adapter(old: str | os.PathLike, new: str | os.PathLike) -> Path:
     """Write the PEFT folder ``new`` for the old-format adapter folder ``old`` (left untouched)."""
     from safetensors.torch import save_file  # imported here: building the CLI parser stays cheap
 
-    from floe.adapters.moe_lora.settings import AdapterSettings
+    from floe.adapters.moe_lora.config import RENAMED, MoELoraConfig
     from floe.adapters.moe_lora.model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, AdapterError, read_weights
     from floe.io import atomic_dir
 
@@ -33,7 +33,7 @@ def convert_adapter(old: str | os.PathLike, new: str | os.PathLike) -> Path:
     try:
         meta = json.loads((old / OLD_CONFIG_NAME).read_text())
         meta = {k: v for k, v in meta.items() if k not in ("format", "floe_version")}
-        settings = AdapterSettings(**meta)
+        config = MoELoraConfig(**{RENAMED.get(k, k): v for k, v in meta.items()})
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise AdapterError(f"{old / OLD_CONFIG_NAME}: invalid adapter config: {e}") from e
     saved = read_weights(old / OLD_WEIGHTS_NAME)
@@ -48,7 +48,6 @@ def convert_adapter(old: str | os.PathLike, new: str | os.PathLike) -> Path:
             weights[f"base_model.model.{key[:-len('.router.weight')]}.lora_router.weight"] = t
         else:
             raise AdapterError(f"{old / OLD_WEIGHTS_NAME}: unexpected tensor {key!r}")
-    config = settings.to_peft()
 
     def write(tmp: Path) -> None:
         config.save_pretrained(str(tmp))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,6 @@ from peft.utils import get_peft_model_state_dict
 from floe.adapters.moe_lora.config import MoELoraConfig
 from floe.adapters.moe_lora.convert import OLD_CONFIG_NAME
 from floe.adapters.moe_lora.layer import MoELoraLinear
-from floe.adapters.moe_lora.settings import AdapterSettings
 from floe.adapters.naming import SAVE_KWARGS, attach
 from floe.arch import decoder_layers, unwrapped
 from floe.errors import InputError
@@ -104,9 +104,20 @@ def _check_fits(model: nn.Module, config: MoELoraConfig) -> None:
     bad = [i for i in chosen if not 0 <= i < len(layers)]
     if bad:
         raise AdapterError(f"layer indices {bad} out of range: the model has {len(layers)} decoder layers (0..{len(layers) - 1})")
-    if isinstance(config.target_modules, str):
-        return  # a regex: PEFT matches it
     linear_leaves = sorted({n.split(".")[-1] for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)})
+    if isinstance(config.target_modules, str):  # a regex, which PEFT full-matches against each module's name
+        linear = [n for n, m in unwrapped(model).named_modules() if isinstance(m, nn.Linear)]
+        try:
+            found = any(re.fullmatch(config.target_modules, n) for n in linear)
+        except re.error as e:
+            raise AdapterError(f"target_modules {config.target_modules!r} is read as a regex and is not one: {e}") from e
+        if not found:
+            hint = " (a comma-separated string is one regex: give a list of names instead)" \
+                if "," in config.target_modules else ""
+            raise AdapterError(f"target_modules regex {config.target_modules!r} full-matches no nn.Linear module "
+                               f"name{hint}; linear modules in each decoder layer: {linear_leaves}, full names "
+                               f"like {linear[0]!r}")
+        return
     missing = sorted(t for t in config.target_modules if t not in linear_leaves)
     if missing:
         raise AdapterError(
@@ -123,7 +134,7 @@ def _check_fits(model: nn.Module, config: MoELoraConfig) -> None:
                            f"use r <= {max_rank} or drop those targets")
 
 
-def apply_moe_lora(model: nn.Module, config: MoELoraConfig | AdapterSettings, seed: int | None = None) -> PeftModel:
+def apply_moe_lora(model: nn.Module, config: MoELoraConfig, seed: int | None = None) -> PeftModel:
     """``peft.get_peft_model(model, config)``: MoE-LoRA on ``model`` (adapted in place), everything else frozen.
 
     ``seed``: draw the adapter's initial weights (A, router) from this seed, leaving the global
@@ -133,8 +144,6 @@ def apply_moe_lora(model: nn.Module, config: MoELoraConfig | AdapterSettings, se
     range, when the rank exceeds a target's ``min(d_in, d_out)``, or when the model already
     carries an adapter.
     """
-    if isinstance(config, AdapterSettings):
-        config = config.to_peft()
     if isinstance(model, PeftModel):
         raise AdapterError("apply_moe_lora takes the base model; to add an adapter to a PeftModel use "
                            "model.add_adapter(name, MoELoraConfig(...))")
