@@ -120,7 +120,7 @@ def test_recorded_grid_cells_keep_their_fingerprints_when_config_fields_are_adde
     from floe.pipeline.experiment import cell_fingerprint, cells, finished, load_grid
 
     root = Path(__file__).resolve().parents[1]
-    for name in ("table2", "table3", "equal_time"):
+    for name in ("table2", "table3", "equal_time", "long"):
         grid = load_grid(root / "benchmarks" / "grids" / f"{name}.yaml")
         recorded = {r["cell"]: r["fingerprint"] for r in finished(root / grid.results_path).values()}
         built = {cell: cell_fingerprint(cfg) for cell, _, cfg in cells(grid)}
